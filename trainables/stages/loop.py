@@ -1,0 +1,124 @@
+"""One stage's training loop: straight code over batches, parameterised by a `Stage` (what trains, which losses).
+
+No Ray and no MLflow here: the loop calls `on_epoch(epoch, metrics, state)` after every epoch, and the caller decides
+whether that means a Ray Train report + checkpoint or nothing at all. Every epoch reseeds torch from
+(seed, epoch), so a run resumed from the checkpoint of epoch e continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..data import DataBundle, loader
+from ..losses import cross_entropy, reconstruction_terms, total_loss
+from ..models import optimizer_groups, set_trainable
+from .procedure import Stage
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any parts (stable across processes, unlike hash())."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How to run, not what: none of this enters a stage's key."""
+
+    device: str = "cpu"  # cpu | cuda | cuda:N (from Ray Train's get_device() under Ray)
+    amp: bool = False  # bfloat16 autocast for the forward pass
+    channels_last: bool = False  # NHWC memory format for convolutions (faster on recent GPUs)
+    rank: int = 0  # this worker's rank among `world` data-parallel workers
+    world: int = 1
+    eval_batch_size: int = 512
+
+
+def make_optimizer(model: nn.Module, stage: Stage) -> torch.optim.Optimizer:
+    opt = stage.settings.optimizer
+    groups = optimizer_groups(model, stage.train, opt.lr, dict(opt.group_lrs))
+    if opt.name == "sgd":
+        return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+    return torch.optim.Adam(groups, lr=opt.lr, weight_decay=opt.weight_decay)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model under a DistributedDataParallel wrapper."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def batch_losses(model: nn.Module, stage: Stage, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The stage's loss on one batch, and its terms (for logging)."""
+    kwargs = {"head": stage.ce, "decode": bool(stage.weights)}
+    if stage.noisy:
+        kwargs["noisy"] = True
+    out = model(x, **kwargs)
+    terms = reconstruction_terms(out.recons, out.targets, stage.form, stage.detach_targets) if stage.weights else {}
+    ce = cross_entropy(out.logits, y) if stage.ce else None
+    loss = total_loss(terms, dict(stage.weights), ce)
+    logged = {"loss": loss.detach()}
+    if ce is not None:
+        logged["loss_ce"] = ce.detach()
+    logged.update({f"loss_rec_{lvl}": t.detach() for lvl, t in terms.items()})
+    return loss, logged
+
+
+def train_epoch(model, stage: Stage, data: DataBundle, optimizer, runtime: Runtime, seed: int, epoch: int) -> dict:
+    torch.manual_seed(derive_seed(seed, stage.kind, "epoch", epoch))
+    train = data.train
+    if runtime.world > 1:  # static shard per rank; every rank shuffles its own shard
+        train = torch.utils.data.Subset(train, list(range(runtime.rank, len(train), runtime.world)))
+    batches = loader(train, max(1, stage.settings.batch_size // runtime.world), shuffle=True,
+                     seed=derive_seed(seed, stage.kind, "order", epoch, runtime.rank))
+    device = torch.device(runtime.device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if runtime.amp else nullcontext()
+    model.train()
+    sums: dict[str, torch.Tensor] = {}
+    n = 0
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if runtime.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            loss, logged = batch_losses(model, stage, x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for k, v in logged.items():
+            sums[k] = sums.get(k, 0.0) + v.float()
+        n += 1
+    if n == 0:
+        raise ValueError(f"stage {stage.kind!r}: the training split yielded no batch (is it empty?)")
+    return {k: float(v) / n for k, v in sums.items()}
+
+
+def prepare(model: nn.Module, stage: Stage, runtime: Runtime) -> nn.Module:
+    """Freeze what the stage does not train and move the model where it runs."""
+    set_trainable(model, stage.train)
+    model = model.to(runtime.device)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def run_epochs(
+    model: nn.Module,
+    stage: Stage,
+    data: DataBundle,
+    runtime: Runtime,
+    seed: int,
+    *,
+    optimizer: torch.optim.Optimizer,
+    start_epoch: int = 0,
+    on_epoch: Callable[[int, dict], None] = lambda epoch, metrics: None,
+    evaluate_epoch: Callable[[], dict] = dict,
+) -> None:
+    """Train epochs start_epoch+1 .. stage.settings.epochs; call on_epoch after each with its metrics."""
+    for epoch in range(start_epoch + 1, stage.settings.epochs + 1):
+        metrics = train_epoch(model, stage, data, optimizer, runtime, seed, epoch)
+        metrics.update(evaluate_epoch())
+        on_epoch(epoch, metrics)

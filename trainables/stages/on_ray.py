@@ -1,0 +1,191 @@
+"""Ray Train at the edge: run the missing stages of a chain as one TorchTrainer run per contiguous segment.
+
+Ray is touched in four places, each marked `# [ray]`: the worker's context (rank, device), its report +
+checkpoint after every epoch, its checkpoint on restart, and the trainer launch. Everything else is the plain
+PyTorch of `chain.py`.
+
+Guarantees:
+- a stage whose key is stored is never run again; a stage being computed by another process is waited for
+  (store claims, taken root first so chains that share a prefix cannot deadlock);
+- every epoch ends with a checkpoint; a failed worker restarts from it (`FailureConfig`), and a restarted
+  launcher resumes the same Train run (deterministic run name under the same storage path);
+- each stage is published to the store on its own as soon as it ends, so a segment that fails later keeps it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..data import DataConfig, build_data
+from .chain import PlannedStage, missing_from, run_stage
+from .loop import Runtime
+from .store import StageStore
+
+STATE_FILE = "state.pt"
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """Resources of one Train run: the cores a worker gets are the threads it uses."""
+
+    num_workers: int = 1  # data-parallel workers (DDP when > 1)
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0  # > 0 trains on CUDA
+    amp: bool = False  # bfloat16 autocast
+    channels_last: bool = False
+    max_failures: int = 2  # worker failures a run recovers from (from its last checkpoint)
+
+
+@dataclass(frozen=True)
+class SegmentJob:
+    """Everything a worker needs; pickled by Ray."""
+
+    segment: tuple[PlannedStage, ...]
+    store_uri: str
+    data: DataConfig
+    seed: int
+    scaling: Scaling
+    code_version: str = ""
+    fail_after_epoch: int | None = None  # tests: raise once after this epoch of the first stage (fault injection)
+    fail_marker: str | None = None  # file created at the injected failure so it happens only once
+
+
+def _worker(job: SegmentJob) -> None:
+    import ray.train  # [ray] worker context, report, checkpoint
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if job.scaling.gpus_per_worker > 0 else torch.device("cpu")
+    runtime = Runtime(device=str(device), amp=job.scaling.amp, channels_last=job.scaling.channels_last,
+                      rank=rank, world=world)
+    store = StageStore(job.store_uri)
+    data = build_data(job.data, job.seed)
+
+    resume, first = None, 0
+    checkpoint = ray.train.get_checkpoint()  # [ray] resume after a failure or a launcher restart
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            saved = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+        first, resume = saved["stage_index"], saved["state"]
+
+    wrap = (lambda m: ray.train.torch.prepare_model(m, move_to_device=False)) if world > 1 else (lambda m: m)
+    for index in range(first, len(job.segment)):
+        planned = job.segment[index]
+
+        def on_epoch(epoch, metrics, state, index=index, planned=planned):
+            report = {"event": "epoch", "stage": planned.stage.kind, "stage_key": planned.key, "epoch": epoch,
+                      **metrics, **_asha_fields(planned, epoch, metrics)}
+            with tempfile.TemporaryDirectory() as d:
+                ckpt = None
+                if rank == 0:
+                    torch.save({"stage_index": index, "state": state()}, os.path.join(d, STATE_FILE))
+                    ckpt = ray.train.Checkpoint.from_directory(d)
+                ray.train.report(report, checkpoint=ckpt,  # [ray] per-epoch metrics + checkpoint
+                                 checkpoint_dir_name=f"{index:02d}-{planned.stage.kind}-e{epoch:04d}")
+            if (job.fail_after_epoch == epoch and index == 0 and job.fail_marker
+                    and not os.path.exists(job.fail_marker)):
+                open(job.fail_marker, "w").close()
+                raise RuntimeError(f"injected failure after epoch {epoch}")
+
+        final = run_stage(planned, store, data, runtime, job.seed, resume=resume if index == first else None,
+                          on_epoch=on_epoch, wrap=wrap, publish=rank == 0, code_version=job.code_version)
+        ray.train.report({"event": "stage_end", "stage": planned.stage.kind, "stage_key": planned.key,
+                          **final, **_asha_fields(planned, planned.stage.settings.epochs, final)})
+
+
+def _asha_fields(planned: PlannedStage, epoch: int, metrics: dict) -> dict:
+    """Tune scheduling fields present in every report: the objective and the fine-tuning epoch (0 before it)."""
+    finetune = planned.stage.kind == "finetune"
+    return {"finetune_epoch": epoch if finetune else 0,
+            "objective": metrics.get("val_top1_err", 100.0) if finetune else 100.0}
+
+
+def run_name(segment: list[PlannedStage]) -> str:
+    digest = hashlib.sha256(",".join(p.key for p in segment).encode()).hexdigest()[:16]
+    return f"{segment[0].stage.kind}-to-{segment[-1].stage.kind}-{digest}"
+
+
+def launch_segment(job: SegmentJob, storage_path: str, callbacks: list | None = None) -> None:
+    """One TorchTrainer run over a segment of stages; raises if it fails beyond `max_failures`."""
+    import ray.train  # [ray] the trainer launch
+    from ray.train.torch import TorchTrainer
+
+    s = job.scaling
+    resources = {"CPU": s.cpus_per_worker}
+    if s.gpus_per_worker:
+        resources["GPU"] = s.gpus_per_worker
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config=job,
+        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.gpus_per_worker > 0,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=run_name(list(job.segment)),
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+        ),
+    )
+    trainer.fit()
+
+
+def ensure_chain(
+    chain: list[PlannedStage],
+    store: StageStore,
+    job_template: SegmentJob,
+    storage_path: str,
+    callbacks: list | None = None,
+    claim_timeout: float | None = None,
+) -> list[bool]:
+    """Make every stage of `chain` present in the store; returns, per stage, whether this call computed it.
+
+    Claims on all missing stages are taken root first; after they are held the store is checked again (another
+    trial may have finished them meanwhile), and only what is still missing runs, as one Train run. A claim is
+    released as soon as its stage is published, so trials waiting only for a shared prefix go on early.
+    """
+    computed = [False] * len(chain)
+    while (start := missing_from(store, chain)) < len(chain):
+        with ExitStack() as held:
+            claims = []
+            for planned in chain[start:]:
+                stack = ExitStack()
+                stack.enter_context(store.claim(planned.key, timeout=claim_timeout))
+                held.callback(stack.close)
+                claims.append((planned.key, stack))
+            start = missing_from(store, chain)
+            if start == len(chain):
+                continue
+            segment = chain[start:]
+            job = replace(job_template, segment=tuple(segment))
+            done = threading.Event()
+            errors: list[BaseException] = []
+
+            def fit():
+                try:
+                    launch_segment(job, storage_path, callbacks)
+                except BaseException as exc:  # noqa: BLE001 (re-raised in the calling thread)
+                    errors.append(exc)
+                finally:
+                    done.set()
+
+            thread = threading.Thread(target=fit, daemon=True)
+            thread.start()
+            while not done.wait(1.0):
+                for key, stack in claims:
+                    if store.has(key):
+                        stack.close()  # published: waiters for this stage may go on
+            thread.join()
+            if errors:
+                raise errors[0]
+            for i in range(start, len(chain)):
+                computed[i] = True
+    return computed
