@@ -12,9 +12,9 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """A local Ray instance with this machine's 2 cores (started once; a test that needs Ray asks for it)."""
+    """A local Ray instance with this machine's 2 cores, for one test module (study tests start their own)."""
     import ray
 
     if not ray.is_initialized():

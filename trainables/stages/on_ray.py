@@ -53,6 +53,7 @@ class SegmentJob:
     seed: int
     scaling: Scaling
     code_version: str = ""
+    objective_metric: str = "val_top1_err"  # reported as `objective` during fine-tuning (for Tune's scheduler)
     fail_after_epoch: int | None = None  # tests: raise once after this epoch of the first stage (fault injection)
     fail_marker: str | None = None  # file created at the injected failure so it happens only once
 
@@ -82,7 +83,7 @@ def _worker(job: SegmentJob) -> None:
 
         def on_epoch(epoch, metrics, state, index=index, planned=planned):
             report = {"event": "epoch", "stage": planned.stage.kind, "stage_key": planned.key, "epoch": epoch,
-                      **metrics, **_asha_fields(planned, epoch, metrics)}
+                      **metrics, **_asha_fields(planned, epoch, metrics, job.objective_metric)}
             with tempfile.TemporaryDirectory() as d:
                 ckpt = None
                 if rank == 0:
@@ -98,14 +99,14 @@ def _worker(job: SegmentJob) -> None:
         final = run_stage(planned, store, data, runtime, job.seed, resume=resume if index == first else None,
                           on_epoch=on_epoch, wrap=wrap, publish=rank == 0, code_version=job.code_version)
         ray.train.report({"event": "stage_end", "stage": planned.stage.kind, "stage_key": planned.key,
-                          **final, **_asha_fields(planned, planned.stage.settings.epochs, final)})
+                          **final, **_asha_fields(planned, planned.stage.settings.epochs, final, job.objective_metric)})
 
 
-def _asha_fields(planned: PlannedStage, epoch: int, metrics: dict) -> dict:
+def _asha_fields(planned: PlannedStage, epoch: int, metrics: dict, objective: str) -> dict:
     """Tune scheduling fields present in every report: the objective and the fine-tuning epoch (0 before it)."""
     finetune = planned.stage.kind == "finetune"
     return {"finetune_epoch": epoch if finetune else 0,
-            "objective": metrics.get("val_top1_err", 100.0) if finetune else 100.0}
+            "objective": metrics.get(objective, 100.0) if finetune else 100.0}
 
 
 def run_name(segment: list[PlannedStage]) -> str:

@@ -1,0 +1,172 @@
+"""`study`: launch, resume, inspect and report on studies.
+
+    study launch studies/quickstart.yaml        validate, run every trial, print results, write the report
+    study resume quickstart                     continue an interrupted study (nothing finished is recomputed)
+    study status quickstart                     trial table: model, seed, parameters, stage reached, metrics
+    study ui quickstart                         MLflow UI on http://127.0.0.1:5000 over the study's records
+    study report quickstart                     (re)write the HTML report
+
+Exit codes: 0 ok, 1 the study ran but some trials failed, 2 bad input (spec, name, arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .paths import StudyPaths
+from .spec import SpecError, load_spec
+
+
+def _results_dir(args) -> str:
+    return args.results_dir or os.environ.get("STUDY_RESULTS_DIR", "runs")
+
+
+def _paths(name: str, args) -> StudyPaths:
+    paths = StudyPaths.of(name, _results_dir(args))
+    if not paths.spec_file.exists():
+        raise SystemExit(_fail(f"no study {name!r} in {paths.root.parent} (looked for {paths.spec_file}); "
+                               "launch it first, or pass --results-dir"))
+    spec = load_spec(paths.spec_file)
+    return StudyPaths.of(spec.name, _results_dir(args), spec.store)
+
+
+def _fail(message: str) -> int:
+    print(f"study: {message}", file=sys.stderr)
+    return 2
+
+
+def _summary(spec, paths: StudyPaths, results, report: bool) -> int:
+    from .status import results_table
+
+    print()
+    print(f"Results of {spec.name} (mean [95% CI] over seeds; difference to {spec.baseline} in brackets):")
+    print(results_table(paths.tracking_uri, spec.name, spec.baseline))
+    failed = len(results.errors)
+    if failed:
+        print(f"\n{failed} trial(s) failed; `study status {spec.name}` shows which, MLflow has their errors.")
+    print(f"\nMLflow records: {paths.tracking_uri}  (browse: study ui {spec.name})")
+    if report:
+        report_path = _write_report(spec, paths)
+        print(f"Report: {report_path}")
+    return 1 if failed else 0
+
+
+def _write_report(spec, paths: StudyPaths) -> Path:
+    from analysis import write_report
+
+    optuna = paths.optuna_storage if (paths.root / "optuna.db").exists() else None
+    return write_report(paths.tracking_uri, spec.name, paths.report_dir, optuna_storage=optuna,
+                        baseline=spec.baseline)
+
+
+def cmd_launch(args) -> int:
+    from .launch import launch
+
+    try:
+        spec = load_spec(args.spec)  # validate before anything is created
+    except SpecError as exc:
+        return _fail(str(exc))
+    print(f"study {spec.name}: {len(spec.models)} model(s) x {len(spec.seeds)} seed(s)"
+          + (f", {spec.search.algorithm} search" if spec.search else "") + f" on {spec.data.dataset}")
+    try:
+        spec, paths, results = launch(args.spec, args.results_dir, args.address)
+    except FileExistsError as exc:
+        return _fail(str(exc))
+    return _summary(spec, paths, results, report=not args.no_report)
+
+
+def cmd_resume(args) -> int:
+    from .launch import resume
+
+    paths = _paths(args.name, args)
+    spec, paths, results = resume(args.name, str(paths.root.parent), args.address)
+    return _summary(spec, paths, results, report=not args.no_report)
+
+
+def cmd_status(args) -> int:
+    import pandas as pd
+
+    from .status import trial_status
+
+    paths = _paths(args.name, args)
+    frame = trial_status(paths.tracking_uri, args.name)
+    if frame.empty:
+        print(f"study {args.name}: no trial recorded yet")
+        return 0
+    with pd.option_context("display.max_rows", 500, "display.width", 200, "display.max_columns", 30,
+                           "display.float_format", "{:.2f}".format):
+        print(frame.to_string(index=False))
+    counts = frame["status"].value_counts().to_dict()
+    print("\n" + ", ".join(f"{n} {s.lower()}" for s, n in counts.items()))
+    return 0
+
+
+def cmd_ui(args) -> int:
+    paths = _paths(args.name, args)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", paths.tracking_uri,
+           "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
+    if paths.tracking_uri.startswith("sqlite:"):
+        cmd += ["--default-artifact-root", paths.artifact_location]
+    print(f"MLflow UI for {args.name}: http://127.0.0.1:{args.port}  (Ctrl-C stops it)", flush=True)
+    return subprocess.call(cmd)
+
+
+def cmd_report(args) -> int:
+    paths = _paths(args.name, args)
+    spec = load_spec(paths.spec_file)
+    print(_write_report(spec, paths))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="study", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, name=True):
+        if name:
+            sp.add_argument("name", help="the study's name (its spec's `name`)")
+        sp.add_argument("--results-dir", help="where studies live (default: $STUDY_RESULTS_DIR or ./runs)")
+
+    sp = sub.add_parser("launch", help="validate a spec and run the study")
+    sp.add_argument("spec", help="a study spec (YAML), e.g. studies/quickstart.yaml")
+    sp.add_argument("--results-dir", help="override the spec's results_dir")
+    sp.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    sp.add_argument("--no-report", action="store_true", help="do not write the HTML report at the end")
+    sp.set_defaults(func=cmd_launch)
+
+    sp = sub.add_parser("resume", help="continue an interrupted study")
+    common(sp)
+    sp.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    sp.add_argument("--no-report", action="store_true")
+    sp.set_defaults(func=cmd_resume)
+
+    sp = sub.add_parser("status", help="table of the study's trials")
+    common(sp)
+    sp.set_defaults(func=cmd_status)
+
+    sp = sub.add_parser("ui", help="serve the MLflow UI on 127.0.0.1 over the study's records")
+    common(sp)
+    sp.add_argument("--port", type=int, default=5000)
+    sp.set_defaults(func=cmd_ui)
+
+    sp = sub.add_parser("report", help="write the study's HTML report")
+    common(sp)
+    sp.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecError as exc:
+        return _fail(str(exc))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

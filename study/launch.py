@@ -1,0 +1,175 @@
+"""Launch or resume a study: validated spec -> Ray Tune trials (grid or Optuna) -> MLflow records -> results.
+
+Ray is touched here and in `trial.py`; the spec, plan, records and analysis do not depend on how it is run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from .paths import StudyPaths
+from .plan import OptunaSpace, grid_space
+from .progress import Progress
+from .records import MlflowRecorder
+from .spec import StudySpec, load_spec
+from .trial import TrialContext, run_trial
+
+TUNE_NAME = "tune"
+
+
+def code_version() -> str:
+    """The git commit of the code that runs (with '+dirty' for uncommitted changes), or the package version."""
+    here = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import version
+
+        return version("decoding-pathways-study")
+
+
+def total_trials(spec: StudySpec) -> int:
+    if spec.search is None:
+        return len(spec.models) * len(spec.seeds)
+    if spec.search.algorithm == "grid":
+        return len(spec.models) * len(spec.seeds) * math.prod(len(d.values) for d in spec.search.space.values())
+    return spec.search.num_samples
+
+
+def concurrency(spec: StudySpec, resources: dict) -> int:
+    """Trials at once: as many as the cluster's CPUs (and GPUs) fit, each trial's workers counted in full.
+
+    The trial driver itself reserves nothing (it only waits on its Train run), which is what avoids the
+    Train-in-Tune deadlock where idle trial drivers hold the CPUs their own workers need.
+    """
+    if spec.resources.max_concurrent:
+        return spec.resources.max_concurrent
+    r = spec.resources
+    fit = math.floor(resources.get("CPU", 1) / (r.workers * r.cpus_per_worker))
+    if r.gpus_per_worker:
+        fit = min(fit, math.floor(resources.get("GPU", 0) / (r.workers * r.gpus_per_worker)))
+    return max(1, fit)
+
+
+def init_ray(address: str | None) -> None:
+    import ray  # [ray] cluster connection
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled") if not address else None
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
+                 logging_level="ERROR", configure_logging=True)
+
+
+def _callbacks(spec: StudySpec, paths: StudyPaths, spec_text: str) -> list:
+    params = {"name": spec.name, "models": ",".join(spec.models), "seeds": ",".join(map(str, spec.seeds)),
+              "dataset": spec.data.dataset, "subset": spec.data.subset, "encoder": spec.model.encoder,
+              "search": spec.search.algorithm if spec.search else "none", "objective": spec.objective.metric,
+              "store": paths.store_uri, "code_version": code_version()}
+    recorder = MlflowRecorder(paths.tracking_uri, spec.name, paths.artifact_location, paths.store_uri, params, spec_text)
+    epochs = {kind: s.epochs for kind, s in spec.stages.items()}
+    return [recorder, Progress(total_trials(spec), epochs)]
+
+
+def build_tuner(spec: StudySpec, paths: StudyPaths, spec_text: str, restore: bool):
+    import optuna
+    import ray
+    from ray import tune  # [ray] the Tuner, its search algorithm and scheduler
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    ctx = TrialContext(spec=spec, store_uri=paths.store_uri, train_storage=paths.train_storage,
+                       code_version=code_version())
+    # The driver only waits on its Train run: it reserves no core (a token 1 MiB of memory, since Tune refuses an
+    # empty request), so idle drivers never hold the CPUs their own workers need.
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"cpu": 0, "memory": 2**20})
+    tune_dir = paths.ray_dir / TUNE_NAME
+    if restore:
+        return tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    search_alg = scheduler = None
+    num_samples = 1
+    if spec.search is None or spec.search.algorithm == "grid":
+        param_space = grid_space(spec)
+    if spec.search is not None and spec.search.algorithm == "optuna":
+        s = spec.search
+        storage = optuna.storages.RDBStorage(paths.optuna_storage)
+        sampler = optuna.samplers.TPESampler(seed=s.sampler_seed, constant_liar=True)
+        search_alg = OptunaSearch(space=OptunaSpace(spec), metric="objective", mode="min", sampler=sampler,
+                                  study_name=spec.name, storage=storage)
+        num_samples = s.num_samples
+        param_space = {} if len(spec.seeds) > 1 else {"seed": spec.seeds[0]}
+    elif spec.search is not None:
+        num_samples = spec.search.num_samples
+    if spec.search is not None and spec.search.scheduler is not None:
+        sch = spec.search.scheduler
+        max_t = max(spec.stages["finetune"].epochs, 1)
+        scheduler = ASHAScheduler(time_attr="finetune_epoch", max_t=max_t, grace_period=min(sch.grace_period, max_t),
+                                  reduction_factor=sch.reduction_factor)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(metric="objective", mode="min", search_alg=search_alg, scheduler=scheduler,
+                                    num_samples=num_samples,
+                                    max_concurrent_trials=concurrency(spec, ray.cluster_resources())),
+        run_config=tune.RunConfig(name=TUNE_NAME, storage_path=str(paths.ray_dir), verbose=0,
+                                  callbacks=_callbacks(spec, paths, spec_text),
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
+
+
+def prepare_study_dir(spec: StudySpec, spec_path: Path, paths: StudyPaths) -> str:
+    """Create the study directory with a copy of the spec; refuse to overwrite a different study of that name."""
+    text = spec_path.read_text()
+    if paths.spec_file.exists():
+        if yaml.safe_load(paths.spec_file.read_text()) != yaml.safe_load(text):
+            raise FileExistsError(
+                f"a different study named {spec.name!r} exists in {paths.root}; rename the study, remove that "
+                f"directory, or run `study resume {spec.name}` to continue it")
+    paths.root.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(spec_path, paths.spec_file)
+    return text
+
+
+def run(spec: StudySpec, paths: StudyPaths, spec_text: str, *, restore: bool, address: str | None = None):
+    """Run (or resume) the study's Tune experiment; returns the ResultGrid."""
+    init_ray(address)
+    tuner = build_tuner(spec, paths, spec_text, restore)
+    results = tuner.fit()
+    import mlflow
+
+    client = mlflow.MlflowClient(paths.tracking_uri)
+    exp = client.get_experiment_by_name(spec.name)
+    if exp is not None:
+        for r in client.search_runs([exp.experiment_id], "tags.role = 'study'"):
+            client.set_terminated(r.info.run_id, "FAILED" if results.errors else "FINISHED")
+    return results
+
+
+def launch(spec_path: str | Path, results_dir: str | None = None, address: str | None = None):
+    spec = load_spec(spec_path)
+    paths = StudyPaths.of(spec.name, results_dir or spec.results_dir, spec.store)
+    text = prepare_study_dir(spec, Path(spec_path), paths)
+    if (paths.ray_dir / TUNE_NAME).exists():
+        return spec, paths, run(spec, paths, text, restore=True, address=address)
+    return spec, paths, run(spec, paths, text, restore=False, address=address)
+
+
+def resume(name: str, results_dir: str, address: str | None = None):
+    paths = StudyPaths.of(name, results_dir)
+    if not paths.spec_file.exists():
+        raise FileNotFoundError(f"no study {name!r} in {paths.root.parent} (no {paths.spec_file})")
+    spec = load_spec(paths.spec_file)
+    paths = StudyPaths.of(spec.name, results_dir, spec.store)
+    text = paths.spec_file.read_text()
+    restore = (paths.ray_dir / TUNE_NAME).exists()
+    return spec, paths, run(spec, paths, text, restore=restore, address=address)

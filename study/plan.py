@@ -1,0 +1,128 @@
+"""From a validated spec to trials: the Tune search space, and each trial's resolved stage chain.
+
+A trial's `config` (what Tune samples) holds only what varies: `model`, `seed` (ablations) and the search
+parameters by path (`loss.weights.image`, `stages.finetune.optimizer.lr`, ...). `resolve()` applies those
+overrides to the spec and returns everything a trial runs, so the trainable stays a function of its config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trainables.data import DataConfig
+from trainables.models import ModelConfig, model_config
+from trainables.stages.chain import PlannedStage, plan
+from trainables.stages.on_ray import Scaling
+from trainables.stages.procedure import LossConfig, OptimizerConfig, StageSettings, procedure
+
+from .spec import DATASET_SHAPES, StudySpec, model_levels, resolved_model_dict
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    model: ModelConfig
+    settings: dict[str, StageSettings]
+    loss: LossConfig
+    params: dict  # flat, every resolved hyperparameter (what MLflow records as params)
+
+    def chain(self, data_identity: str, seed: int) -> list[PlannedStage]:
+        return plan(procedure(self.model, self.settings, self.loss), data_identity, seed)
+
+
+def data_config(spec: StudySpec) -> DataConfig:
+    d = spec.data
+    return DataConfig(dataset=d.dataset, root=d.root, subset=d.subset, val_size=d.val_size,
+                      labeled_fraction=d.labeled_fraction, augment=d.augment, eval_on=d.eval_on)
+
+
+def scaling(spec: StudySpec) -> Scaling:
+    r = spec.resources
+    return Scaling(num_workers=r.workers, cpus_per_worker=r.cpus_per_worker, gpus_per_worker=r.gpus_per_worker,
+                   amp=r.amp, channels_last=r.channels_last, max_failures=r.max_failures)
+
+
+def resolve(spec: StudySpec, config: dict, shape: tuple[int, int, int] | None = None) -> TrialPlan:
+    """The trial's model, stage settings and loss: the spec with `config`'s overrides applied."""
+    variant = config["model"]
+    channels, classes, size = shape or DATASET_SHAPES[spec.data.dataset]
+    model = model_config(resolved_model_dict(spec.model, variant, channels, classes, size))
+    stages = {kind: s.model_dump() for kind, s in spec.stages.items()}
+    weights = dict(spec.loss.weights)
+    for path, value in config.items():
+        if path.startswith("loss.weights."):
+            weights[path.removeprefix("loss.weights.")] = float(value)
+        elif path.startswith("stages."):
+            _, kind, rest = path.split(".", 2)
+            target = stages[kind]
+            *parents, leaf = rest.split(".")
+            for p in parents:
+                target = target[p]
+            target[leaf] = value
+    levels = set(model_levels(spec.model, variant))
+    weights = {lvl: w for lvl, w in weights.items() if lvl in levels}  # a level the model lacks has no term
+    settings = {
+        kind: StageSettings(
+            epochs=int(s["epochs"]), batch_size=int(s["batch_size"]),
+            optimizer=OptimizerConfig(name=s["optimizer"]["name"], lr=float(s["optimizer"]["lr"]),
+                                      momentum=float(s["optimizer"]["momentum"]),
+                                      weight_decay=float(s["optimizer"]["weight_decay"]),
+                                      group_lrs=tuple(sorted(s["optimizer"]["group_lrs"].items()))),
+        )
+        for kind, s in stages.items()
+    }
+    loss = LossConfig(weights=tuple(sorted(weights.items())), form=spec.loss.form,
+                      detach_targets=spec.loss.detach_targets, decoder_form=spec.loss.decoder_form)
+    chain = procedure(model, settings, loss)
+    params = {"model": variant, "encoder": model.encoder, "loss.form": loss.form,
+              "loss.detach_targets": loss.detach_targets}
+    params.update({f"loss.weights.{lvl}": w for lvl, w in chain[-1].weights})
+    for stage in chain:
+        s = stage.settings
+        params.update({f"stages.{stage.kind}.epochs": s.epochs, f"stages.{stage.kind}.batch_size": s.batch_size,
+                       f"stages.{stage.kind}.optimizer.name": s.optimizer.name,
+                       f"stages.{stage.kind}.optimizer.lr": s.optimizer.lr,
+                       f"stages.{stage.kind}.optimizer.momentum": s.optimizer.momentum,
+                       f"stages.{stage.kind}.optimizer.weight_decay": s.optimizer.weight_decay})
+    return TrialPlan(model, settings, loss, params)
+
+
+def grid_space(spec: StudySpec) -> dict:
+    """Tune param_space of an ablation (no search, or a grid search): models x seeds x grid values."""
+    from ray import tune  # [ray] search-space objects
+
+    space = {"model": tune.grid_search(list(spec.models)), "seed": tune.grid_search(list(spec.seeds))}
+    if spec.search is not None:
+        for path, dist in spec.search.space.items():
+            space[path] = tune.grid_search(list(dist.values))
+    return space
+
+
+class OptunaSpace:
+    """A define-by-run Optuna space, conditional: per-level weights exist only for models having the level.
+
+    A class (not a closure) because Tune pickles the searcher with the experiment state, for `study resume`.
+    """
+
+    def __init__(self, spec: StudySpec):
+        self.spec = spec
+
+    def __call__(self, trial) -> None:
+        space = dict(self.spec.search.space)
+        model_dist = space.pop("model", None)
+        model = trial.suggest_categorical("model", list(model_dist.values if model_dist else self.spec.models))
+        levels = set(model_levels(self.spec.model, model))
+        for path, dist in space.items():
+            if path.startswith("loss.weights.") and path.removeprefix("loss.weights.") not in levels:
+                continue  # conditional: this model has no such level
+            _suggest(trial, path, dist)
+
+
+def _suggest(trial, path: str, dist) -> None:
+    if dist.type == "uniform":
+        trial.suggest_float(path, dist.low, dist.high)
+    elif dist.type == "loguniform":
+        trial.suggest_float(path, dist.low, dist.high, log=True)
+    elif dist.type == "int":
+        trial.suggest_int(path, int(dist.low), int(dist.high))
+    else:
+        trial.suggest_categorical(path, list(dist.values))

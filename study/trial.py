@@ -1,0 +1,62 @@
+"""The Tune trainable: a function of the trial's config that drives Ray Train stages and only reports.
+
+For each seed it resolves the trial's stage chain, makes every stage present in the stage store (computing only
+what is missing, under Ray Train), and reports events that the launcher turns into MLflow runs and progress lines:
+trial_start, epoch (from the Train workers), stage_done, seed_end, and a last result with the objective.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from trainables.data import build_data
+from trainables.models.factory import split_variant
+from trainables.stages.chain import read_record
+from trainables.stages.on_ray import SegmentJob, ensure_chain
+from trainables.stages.store import StageStore
+
+from .plan import data_config, resolve, scaling
+from .spec import StudySpec
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    spec: StudySpec
+    store_uri: str
+    train_storage: str
+    code_version: str
+
+
+def run_trial(config: dict, ctx: TrialContext) -> None:
+    from ray import tune  # [ray] reporting to Tune, and forwarding Train reports to it
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    spec = ctx.spec
+    metric = spec.objective.metric
+    store = StageStore(ctx.store_uri)
+    seeds = [int(config["seed"])] if "seed" in config else list(spec.seeds)
+    finals = []
+    for seed in seeds:
+        data = build_data(data_config(spec), seed)
+        plan = resolve(spec, config, (data.in_channels, data.num_classes, data.image_size))
+        chain = plan.chain(data.identity, seed)
+        decoder, placement = split_variant(plan.model.variant)
+        idle = {"finetune_epoch": 0, "objective": 100.0, "seed": seed}
+        tune.report({"event": "trial_start", "model": plan.model.variant, "decoder": decoder, "placement": placement,
+                     "stage_keys": ",".join(p.key for p in chain), "params_json": json.dumps(plan.params), **idle})
+        job = SegmentJob(segment=(), store_uri=ctx.store_uri, data=data_config(spec), seed=seed,
+                         scaling=scaling(spec), code_version=ctx.code_version, objective_metric=metric)
+        computed = ensure_chain(chain, store, job, ctx.train_storage, callbacks=[TuneReportCallback()])
+        for planned, was_computed in zip(chain, computed):
+            tune.report({"event": "stage_done", "stage": planned.stage.kind, "stage_key": planned.key,
+                         "reused": not was_computed, **idle})
+        final = read_record(store, chain[-1].key)["final"]
+        finals.append(final)
+        tune.report({"event": "seed_end", **final, **idle})
+    mean = {k: float(np.mean([f[k] for f in finals])) for k in finals[0] if all(k in f for f in finals)}
+    finetune_epochs = max((s.epochs for k, s in plan.settings.items() if k == "finetune"), default=0)
+    tune.report({"event": "trial_end", **mean, "objective": mean[metric], "finetune_epoch": finetune_epochs,
+                 "seed": seeds[-1]})

@@ -1,0 +1,251 @@
+"""The product's main path, as a user lives it: the `study` CLI on a local Ray, with real MLflow and Optuna stores.
+
+One micro study (2 models x 2 seeds, tiny VGG, a Fashion-MNIST subset) is launched through the CLI, killed with
+SIGKILL in the middle, and resumed; the tests then read what a user would find: the MLflow records, `study
+status`, the stage store. A micro Optuna search over the same store shows stage reuse across studies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from trainables.stages.store import StageStore
+
+STAGES = {
+    "classifier": {"epochs": 1, "batch_size": 64, "optimizer": {"name": "adam", "lr": 0.003}},
+    "layerwise": {"epochs": 1, "batch_size": 64, "optimizer": {"name": "adam", "lr": 0.003}},
+    "topdown": {"epochs": 1, "batch_size": 64, "optimizer": {"name": "adam", "lr": 0.003}},
+    "finetune": {"epochs": 2, "batch_size": 64, "optimizer": {"name": "adam", "lr": 0.003}},
+}
+MICRO = {
+    "name": "micro",
+    "models": ["baseline", "swwae-all"],
+    "seeds": [0, 1],
+    "data": {"subset": 300, "val_size": 100},
+    "model": {"encoder": "vgg_tiny"},
+    "stages": STAGES,
+    "loss": {"weights": {"image": 0.001, "pool1": 0.0001}},
+}
+SEARCH = {
+    "name": "micro-search",
+    "models": ["swwae-all"],
+    "seeds": [0],
+    "data": MICRO["data"],
+    "model": MICRO["model"],
+    "stages": STAGES,
+    "loss": MICRO["loss"],
+    "search": {"algorithm": "optuna", "num_samples": 2, "sampler_seed": 0,
+               "space": {"loss.weights.image": {"type": "loguniform", "low": 1e-5, "high": 1e-1}}},
+}
+
+
+def cli(*args, cwd, check=True, timeout=600, **kw):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run([sys.executable, "-m", "study", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"study {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def write_spec(directory: Path, spec: dict) -> Path:
+    path = directory / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def runs_of(uri: str, experiment: str, role: str):
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no experiment {experiment}"
+    return client.search_runs([exp.experiment_id], f"tags.role = '{role}'", max_results=1000)
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    """The micro study: launched, SIGKILLed once its first trial has finished, then resumed to completion."""
+    work = tmp_path_factory.mktemp("study")
+    spec = write_spec(work, MICRO)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = open(work / "launch.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "study", "launch", str(spec), "--no-report"], cwd=work, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    store_dir = work / "runs" / "store"
+    deadline = time.time() + 480
+    killed_with = None
+    while time.time() < deadline and proc.poll() is None:
+        keys = StageStore(str(store_dir)).keys() if store_dir.exists() else []
+        if any(k.startswith("finetune") for k in keys):  # a whole trial is done, others are running
+            killed_with = sorted(keys)
+            os.kill(proc.pid, signal.SIGKILL)  # the launcher only, as a crash or `kill -9` would
+            killed_at_ms = int(time.time() * 1000)
+            break
+        time.sleep(0.5)
+    proc.wait(timeout=60)
+    log.close()
+    assert killed_with is not None, (work / "launch.log").read_text()[-3000:]
+    resumed = cli("resume", "micro", cwd=work)
+    uri = f"sqlite:///{work / 'runs' / 'micro' / 'mlflow.db'}"
+    return {"work": work, "uri": uri, "killed_with": killed_with, "killed_at_ms": killed_at_ms,
+            "resume_out": resumed.stdout,
+            "store": StageStore(str(store_dir))}
+
+
+@pytest.mark.ray
+def test_micro_study_records_exactly_the_expected_runs(micro):
+    uri = micro["uri"]
+    studies = runs_of(uri, "micro", "study")
+    assert len(studies) == 1 and studies[0].info.status == "FINISHED"
+    trials = runs_of(uri, "micro", "trial")
+    assert sorted((t.data.tags["model"], t.data.tags["seed"]) for t in trials) == [
+        ("baseline", "0"), ("baseline", "1"), ("swwae-all", "0"), ("swwae-all", "1")]
+    for t in trials:
+        assert t.info.status == "FINISHED"
+        assert t.data.tags["mlflow.parentRunId"] == studies[0].info.run_id
+        assert t.data.params["model"] == t.data.tags["model"] and t.data.params["seed"] == t.data.tags["seed"]
+        assert t.data.params["stages.finetune.epochs"] == "2"
+        assert {"train_top1_err", "train_top5_err", "val_top1_err", "val_top5_err"} <= set(t.data.metrics)
+        if t.data.tags["model"] == "swwae-all":
+            assert float(t.data.params["loss.weights.image"]) == 0.001
+            assert float(t.data.params["loss.weights.pool1"]) == 0.0001
+    stages = runs_of(uri, "micro", "stage")
+    by_trial = {}
+    for s in stages:
+        by_trial.setdefault(s.data.tags["mlflow.parentRunId"], []).append(s)
+    for t in trials:
+        kinds = sorted(s.data.tags["stage"] for s in by_trial[t.info.run_id])
+        expected = ["classifier", "finetune"] if t.data.tags["model"] == "baseline" else \
+            ["classifier", "finetune", "layerwise", "topdown"]
+        assert kinds == expected, (t.data.tags, kinds)
+        assert t.data.tags["stage_keys"].split(",") and all(
+            s.data.tags["stage_key"] in t.data.tags["stage_keys"].split(",") for s in by_trial[t.info.run_id])
+
+
+@pytest.mark.ray
+def test_no_run_or_metric_is_lost_and_every_stage_is_computed_once(micro):
+    client = mlflow.MlflowClient(micro["uri"])
+    stages = runs_of(micro["uri"], "micro", "stage")
+    computed = [s for s in stages if s.data.tags["reused"] == "false"]
+    keys = [s.data.tags["stage_key"] for s in computed]
+    assert len(keys) == len(set(keys)), "a stage was computed twice"
+    # 2 classifiers (one per seed), 2 layerwise, 2 top-down, 4 fine-tunings: 10 distinct stages, all stored.
+    assert len(set(s.data.tags["stage_key"] for s in stages)) == 10 == len(micro["store"].keys())
+    for s in stages:
+        assert s.info.status == "FINISHED"
+        epochs = STAGES[s.data.tags["stage"]]["epochs"]
+        history = client.get_metric_history(s.info.run_id, "loss")
+        assert sorted(m.step for m in history) == list(range(1, epochs + 1)), (s.data.tags, history)
+        assert {"train_top1_err", "val_top1_err"} <= set(s.data.metrics)
+        if s.data.tags["stage"] in ("layerwise", "topdown", "finetune") and s.data.tags["model"] == "swwae-all":
+            assert {"rec_err_image", "rec_err_pool1", "invert_err_pool1", "invert_err_pool2"} <= set(s.data.metrics)
+            names = {a.path for a in client.list_artifacts(s.info.run_id, "recon")}
+            assert names == {"recon/invert.npz", "recon/invert.png"}
+        config = json.loads(Path(client.download_artifacts(s.info.run_id, "config.json")).read_text())
+        assert config["key"] == s.data.tags["stage_key"] and config["code_version"]
+    # Shared stages: both trials of a seed use one classifier, and at least one of them reused it.
+    classifiers = [s for s in stages if s.data.tags["stage"] == "classifier"]
+    for seed in ("0", "1"):
+        mine = [s for s in classifiers if s.data.tags["seed"] == seed]
+        assert len(mine) == 2 and len({s.data.tags["stage_key"] for s in mine}) == 1
+        assert "true" in {s.data.tags["reused"] for s in mine}
+
+
+@pytest.mark.ray
+def test_resume_after_sigkill_completes_without_recomputing_finished_stages(micro):
+    stages = runs_of(micro["uri"], "micro", "stage")
+    after_kill = [s for s in stages if s.info.start_time > micro["killed_at_ms"]]
+    assert after_kill, "the resumed launcher recorded nothing"
+    # Stages stored before the kill come from the store after it; only the missing ones were computed.
+    for s in after_kill:
+        if s.data.tags["stage_key"] in micro["killed_with"]:
+            assert s.data.tags["reused"] == "true", s.data.tags
+    assert {s.data.tags["stage_key"] for s in after_kill if s.data.tags["reused"] == "false"}.isdisjoint(
+        micro["killed_with"])
+    assert "Results of micro" in micro["resume_out"]
+    assert len({s.data.tags["stage_key"] for s in stages}) == 10
+
+
+@pytest.mark.ray
+def test_status_shows_every_trial(micro):
+    out = cli("status", "micro", cwd=micro["work"]).stdout
+    lines = [l for l in out.splitlines() if " baseline " in l or " swwae-all " in l]
+    assert len(lines) == 4 and all("FINISHED" in l for l in lines), out
+    assert "2/2 finetune" in out and "4/4 finetune" in out
+    assert "4 finished" in out
+
+
+@pytest.mark.ray
+def test_optuna_search_reuses_stages_of_another_study(micro):
+    spec = write_spec(micro["work"], SEARCH)
+    out = cli("launch", str(spec), "--no-report", cwd=micro["work"]).stdout
+    assert "Results of micro-search" in out
+    import optuna
+
+    storage = f"sqlite:///{micro['work'] / 'runs' / 'micro-search' / 'optuna.db'}"
+    study = optuna.load_study(study_name="micro-search", storage=storage)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 2 and all("loss.weights.image" in t.params for t in complete)
+    uri = f"sqlite:///{micro['work'] / 'runs' / 'micro-search' / 'mlflow.db'}"
+    stages = runs_of(uri, "micro-search", "stage")
+    reused = {s.data.tags["stage"]: s.data.tags["reused"] for s in stages if s.data.tags["stage"] != "finetune"}
+    assert reused == {"classifier": "true", "layerwise": "true", "topdown": "true"}  # from the micro study
+    weights = sorted(float(t.data.params["loss.weights.image"]) for t in runs_of(uri, "micro-search", "trial"))
+    assert weights == sorted(t.params["loss.weights.image"] for t in complete)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.ray
+def test_study_ui_serves_the_mlflow_ui_with_the_studys_runs(micro):
+    port = free_port()
+    env = {**os.environ}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    ui = subprocess.Popen([sys.executable, "-m", "study", "ui", "micro", "--port", str(port)], cwd=micro["work"],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        req = urllib.request.Request(base + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=micro")
+        exp = json.load(urllib.request.urlopen(req, timeout=10))["experiment"]
+        body = json.dumps({"experiment_ids": [exp["experiment_id"]], "filter": "tags.role = 'trial'"}).encode()
+        req = urllib.request.Request(base + "/api/2.0/mlflow/runs/search", data=body,
+                                     headers={"Content-Type": "application/json"})
+        runs = json.load(urllib.request.urlopen(req, timeout=10))["runs"]
+        assert len(runs) == 4
+        chromium = "/usr/bin/chromium"
+        if os.path.exists(chromium):
+            shot = Path(__file__).parent / "artifacts" / "mlflow-ui.png"
+            shot.parent.mkdir(exist_ok=True)
+            profile = micro["work"] / "chromium-profile"
+            subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                            f"--user-data-dir={profile}", "--window-size=1400,900", "--virtual-time-budget=15000",
+                            f"--screenshot={shot}", f"{base}/#/experiments/{exp['experiment_id']}/runs"],
+                           capture_output=True, timeout=120)
+            assert shot.exists() and shot.stat().st_size > 10_000
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=30)
