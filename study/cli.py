@@ -66,14 +66,21 @@ def _write_report(spec, paths: StudyPaths) -> Path:
 def cmd_launch(args) -> int:
     from .launch import launch
 
+    from trainables.data import DataError, build_data
+
+    from .plan import data_config
+
     try:
-        spec = load_spec(args.spec)  # validate before anything is created
+        spec = load_spec(args.spec, args.set, args.smoke)  # validate before anything is created
+        build_data(data_config(spec), spec.seeds[0])  # the data exists and splits as asked
     except SpecError as exc:
         return _fail(str(exc))
+    except DataError as exc:
+        return _fail(f"{args.spec}: data: {exc}")
     print(f"study {spec.name}: {len(spec.models)} model(s) x {len(spec.seeds)} seed(s)"
           + (f", {spec.search.algorithm} search" if spec.search else "") + f" on {spec.data.dataset}")
     try:
-        spec, paths, results = launch(args.spec, args.results_dir, args.address)
+        spec, paths, results = launch(args.spec, args.results_dir, args.address, args.set, args.smoke)
     except FileExistsError as exc:
         return _fail(str(exc))
     return _summary(spec, paths, results, report=not args.no_report)
@@ -137,6 +144,10 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--results-dir", help="override the spec's results_dir")
     sp.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     sp.add_argument("--no-report", action="store_true", help="do not write the HTML report at the end")
+    sp.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
+                    help="override a spec field (value in YAML), e.g. --set data.subset=2000 --set seeds=[0,1]")
+    sp.add_argument("--smoke", action="store_true",
+                    help="the same study at toy size (tiny VGG, 200 images, 1 epoch per stage), named <name>-smoke")
     sp.set_defaults(func=cmd_launch)
 
     sp = sub.add_parser("resume", help="continue an interrupted study")

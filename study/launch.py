@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from .paths import StudyPaths
 from .plan import OptunaSpace, grid_space
 from .progress import Progress
 from .records import MlflowRecorder
-from .spec import StudySpec, load_spec
+from .spec import StudySpec, load_spec, parse_spec, read_spec
 from .trial import TrialContext, run_trial
 
 TUNE_NAME = "tune"
@@ -127,16 +126,17 @@ def build_tuner(spec: StudySpec, paths: StudyPaths, spec_text: str, restore: boo
     )
 
 
-def prepare_study_dir(spec: StudySpec, spec_path: Path, paths: StudyPaths) -> str:
-    """Create the study directory with a copy of the spec; refuse to overwrite a different study of that name."""
-    text = spec_path.read_text()
+def prepare_study_dir(spec: StudySpec, document: dict, paths: StudyPaths) -> str:
+    """Create the study directory with the effective spec (overrides applied); refuse to overwrite a different
+    study of the same name."""
+    text = yaml.safe_dump(document, sort_keys=False)
     if paths.spec_file.exists():
-        if yaml.safe_load(paths.spec_file.read_text()) != yaml.safe_load(text):
+        if yaml.safe_load(paths.spec_file.read_text()) != document:
             raise FileExistsError(
                 f"a different study named {spec.name!r} exists in {paths.root}; rename the study, remove that "
                 f"directory, or run `study resume {spec.name}` to continue it")
     paths.root.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(spec_path, paths.spec_file)
+    paths.spec_file.write_text(text)
     return text
 
 
@@ -155,10 +155,12 @@ def run(spec: StudySpec, paths: StudyPaths, spec_text: str, *, restore: bool, ad
     return results
 
 
-def launch(spec_path: str | Path, results_dir: str | None = None, address: str | None = None):
-    spec = load_spec(spec_path)
+def launch(spec_path: str | Path, results_dir: str | None = None, address: str | None = None,
+           overrides: list[str] = (), smoke: bool = False):
+    document = read_spec(spec_path, overrides, smoke)
+    spec = parse_spec(document, str(spec_path))
     paths = StudyPaths.of(spec.name, results_dir or spec.results_dir, spec.store)
-    text = prepare_study_dir(spec, Path(spec_path), paths)
+    text = prepare_study_dir(spec, document, paths)
     if (paths.ray_dir / TUNE_NAME).exists():
         return spec, paths, run(spec, paths, text, restore=True, address=address)
     return spec, paths, run(spec, paths, text, restore=False, address=address)

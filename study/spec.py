@@ -378,7 +378,8 @@ def parse_spec(data: Any, source: str = "spec") -> StudySpec:
     return spec
 
 
-def load_spec(path: str | Path) -> StudySpec:
+def read_spec(path: str | Path, overrides: list[str] = (), smoke: bool = False) -> dict:
+    """The spec document of `path` with `--set path=value` overrides (values in YAML) and the smoke reduction."""
     path = Path(path)
     if not path.is_file():
         raise SpecError([f"no such spec file: {path}"], str(path))
@@ -386,5 +387,54 @@ def load_spec(path: str | Path) -> StudySpec:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise SpecError([f"not valid YAML: {exc}"], str(path)) from None
-    return parse_spec(data, str(path))
+    if not isinstance(data, dict):
+        raise SpecError([f"(top level): a study spec is a mapping of fields, got {type(data).__name__}"], str(path))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SpecError([f"--set {item!r}: expected path=value, e.g. data.subset=2000"], str(path))
+        target = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target.setdefault(p, {})
+            if not isinstance(target, dict):
+                raise SpecError([f"--set {item!r}: {p!r} is not a mapping"], str(path))
+        target[leaf] = yaml.safe_load(value)
+    return smoke_reduction(data) if smoke else data
+
+
+def smoke_reduction(data: dict) -> dict:
+    """The same study at toy size, for a run of seconds: what CI runs for every shipped spec.
+
+    Same models, stage kinds, search space and placements; tiny encoder, ~200 images, 1 epoch per stage,
+    one seed, 2 search samples, CPU; a separate name (`<name>-smoke`) so it never mixes with the real study.
+    """
+    out = yaml.safe_load(yaml.safe_dump(data))  # deep copy
+    out["name"] = f"{out.get('name', 'study')}-smoke"
+    d = out.setdefault("data", {})
+    d["subset"], d["val_size"] = 200, 50
+    m = out.setdefault("model", {})
+    if m.get("encoder", "vgg_small") != "vgg_tiny":
+        m.update(encoder="vgg_tiny", blocks=None, fc=None, pretrained=None)
+        out.setdefault("loss", {})["weights"] = {k: v for k, v in (out.get("loss", {}).get("weights") or {}).items()
+                                                 if k in ("image", "pool1")}
+    if m.get("skip"):
+        m["skip"] = {**m["skip"], "depth": 2, "width": 8}
+    for stage in (out.get("stages") or {}).values():
+        if isinstance(stage, dict):
+            stage["epochs"] = min(int(stage.get("epochs", 1)), 1)
+            stage["batch_size"] = min(int(stage.get("batch_size", 128)), 64)
+    out["seeds"] = (out.get("seeds") or [0])[:1]
+    if out.get("search"):
+        out["search"]["num_samples"] = min(int(out["search"].get("num_samples", 2)), 2)
+        space = out["search"].get("space") or {}
+        out["search"]["space"] = {k: v for k, v in space.items()
+                                  if not k.startswith("loss.weights.") or k.split(".")[-1] in ("image", "pool1")}
+    out["resources"] = {"workers": 1, "cpus_per_worker": 1}
+    return out
+
+
+def load_spec(path: str | Path, overrides: list[str] = (), smoke: bool = False) -> StudySpec:
+    """Read, override, reduce (smoke) and validate a spec file."""
+    return parse_spec(read_spec(path, overrides, smoke), str(path))
 
