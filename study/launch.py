@@ -5,6 +5,7 @@ Ray is touched here and in `trial.py`; the spec, plan, records and analysis do n
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import subprocess
@@ -63,8 +64,11 @@ def concurrency(spec: StudySpec, resources: dict) -> int:
 def init_ray(address: str | None) -> None:
     import ray  # [ray] cluster connection
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled") if not address else None
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
+    # The CLI prints its own progress: no Tune status tables, no TensorBoard/CSV/JSON result files per trial.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     if not ray.is_initialized():
         ray.init(address=address or os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
                  logging_level="ERROR", configure_logging=True)
@@ -140,6 +144,13 @@ def prepare_study_dir(spec: StudySpec, document: dict, paths: StudyPaths) -> str
     return text
 
 
+def can_restore(paths: StudyPaths) -> bool:
+    """Whether an earlier launch left Tune state to continue from (a kill at start-up may leave none)."""
+    from ray import tune  # [ray] experiment state
+
+    return (paths.ray_dir / TUNE_NAME).exists() and tune.Tuner.can_restore(str(paths.ray_dir / TUNE_NAME))
+
+
 def run(spec: StudySpec, paths: StudyPaths, spec_text: str, *, restore: bool, address: str | None = None):
     """Run (or resume) the study's Tune experiment; returns the ResultGrid."""
     init_ray(address)
@@ -161,9 +172,7 @@ def launch(spec_path: str | Path, results_dir: str | None = None, address: str |
     spec = parse_spec(document, str(spec_path))
     paths = StudyPaths.of(spec.name, results_dir or spec.results_dir, spec.store)
     text = prepare_study_dir(spec, document, paths)
-    if (paths.ray_dir / TUNE_NAME).exists():
-        return spec, paths, run(spec, paths, text, restore=True, address=address)
-    return spec, paths, run(spec, paths, text, restore=False, address=address)
+    return spec, paths, run(spec, paths, text, restore=can_restore(paths), address=address)
 
 
 def resume(name: str, results_dir: str, address: str | None = None):
@@ -172,6 +181,4 @@ def resume(name: str, results_dir: str, address: str | None = None):
         raise FileNotFoundError(f"no study {name!r} in {paths.root.parent} (no {paths.spec_file})")
     spec = load_spec(paths.spec_file)
     paths = StudyPaths.of(spec.name, results_dir, spec.store)
-    text = paths.spec_file.read_text()
-    restore = (paths.ray_dir / TUNE_NAME).exists()
-    return spec, paths, run(spec, paths, text, restore=restore, address=address)
+    return spec, paths, run(spec, paths, paths.spec_file.read_text(), restore=can_restore(paths), address=address)

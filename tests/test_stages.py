@@ -156,3 +156,13 @@ def test_corrupted_entry_is_detected_and_recomputed_never_loaded(data_cfg, tmp_p
     again = torch.load(os.path.join(store.get(chain[1].key).path, MODEL_FILE), weights_only=True)
     assert all(torch.equal(good[k], again[k]) for k in good)  # same seed, same result
     assert read_record(store, chain[1].key)["key"] == chain[1].key
+
+
+def test_a_diverging_stage_fails_naming_the_stage_and_publishes_nothing(data_cfg, tmp_path):
+    data = build_data(data_cfg, 0)
+    store = StageStore(str(tmp_path / "store"))
+    st = {k: StageSettings(epochs=2, batch_size=64, optimizer=OptimizerConfig(name="sgd", lr=1e8)) for k in KINDS}
+    chain = plan(procedure(tiny("baseline"), st), data.identity, 0)[:1]
+    with pytest.raises(FloatingPointError, match="stage 'classifier' diverged.*lower the learning rate"):
+        run_chain_locally(chain, store, data, Runtime(), 0)
+    assert store.keys() == []

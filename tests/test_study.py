@@ -52,7 +52,7 @@ SEARCH = {
 
 
 def cli(*args, cwd, check=True, timeout=600, **kw):
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run([sys.executable, "-m", "study", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout, **kw)
@@ -79,7 +79,7 @@ def micro(tmp_path_factory):
     """The micro study: launched, SIGKILLed once its first trial has finished, then resumed to completion."""
     work = tmp_path_factory.mktemp("study")
     spec = write_spec(work, MICRO)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     log = open(work / "launch.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "study", "launch", str(spec), "--no-report"], cwd=work, env=env,
@@ -280,3 +280,19 @@ def test_report_on_the_micro_study(micro):
     study_run = runs_of(micro["uri"], "micro", "study")[0]
     assert {a.path for a in client.list_artifacts(study_run.info.run_id, "report")} >= {
         "report/report.html", "report/table.csv", "report/table.md"}
+
+
+@pytest.mark.ray
+def test_a_failed_trial_is_recorded_failed_with_its_error(micro):
+    stages = {**STAGES, "finetune": {"epochs": 1, "batch_size": 64, "optimizer": {"name": "sgd", "lr": 1.0e8}}}
+    spec = write_spec(micro["work"], {**MICRO, "name": "micro-fail", "models": ["baseline"], "seeds": [0],
+                                      "stages": stages, "loss": {}, "resources": {"max_failures": 0}})
+    proc = cli("launch", str(spec), "--no-report", cwd=micro["work"], check=False)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "1 trial(s) failed" in proc.stdout
+    uri = f"sqlite:///{micro['work'] / 'runs' / 'micro-fail' / 'mlflow.db'}"
+    (trial,) = runs_of(uri, "micro-fail", "trial")
+    assert trial.info.status == "FAILED"
+    assert "stage 'finetune' diverged" in trial.data.tags["status_detail"]
+    (study,) = runs_of(uri, "micro-fail", "study")
+    assert study.info.status == "FAILED"

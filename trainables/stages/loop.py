@@ -8,6 +8,7 @@ whether that means a Ray Train report + checkpoint or nothing at all. Every epoc
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -93,7 +94,12 @@ def train_epoch(model, stage: Stage, data: DataBundle, optimizer, runtime: Runti
         n += 1
     if n == 0:
         raise ValueError(f"stage {stage.kind!r}: the training split yielded no batch (is it empty?)")
-    return {k: float(v) / n for k, v in sums.items()}
+    metrics = {k: float(v) / n for k, v in sums.items()}
+    if not math.isfinite(metrics["loss"]):  # checked once per epoch: no per-step device sync
+        raise FloatingPointError(
+            f"stage {stage.kind!r} diverged: mean loss {metrics['loss']} in epoch {epoch} "
+            f"(terms: {metrics}); lower the learning rate ({stage.settings.optimizer.lr}) or the loss weights")
+    return metrics
 
 
 def prepare(model: nn.Module, stage: Stage, runtime: Runtime) -> nn.Module:

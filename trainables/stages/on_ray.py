@@ -15,6 +15,7 @@ Guarantees:
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import tempfile
 import threading
@@ -64,6 +65,9 @@ def _worker(job: SegmentJob) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # The cores this worker was given are the threads it computes with (Ray's OMP_NUM_THREADS comes too late
+    # once torch has started its thread pool).
+    torch.set_num_threads(max(1, math.floor(job.scaling.cpus_per_worker)))
     device = ray.train.torch.get_device() if job.scaling.gpus_per_worker > 0 else torch.device("cpu")
     runtime = Runtime(device=str(device), amp=job.scaling.amp, channels_last=job.scaling.channels_last,
                       rank=rank, world=world)
