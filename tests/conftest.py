@@ -8,6 +8,7 @@ import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway local instance per test session
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")  # as the study launcher sets it
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 

@@ -1,0 +1,38 @@
+"""Every benchmark runs in smoke mode and ends with one JSON object carrying its figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parent.parent / "bench"
+
+
+def run_smoke(name: str, tmp_path) -> dict:
+    proc = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--smoke"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_step_time_smoke(tmp_path):
+    out = run_smoke("step_time", tmp_path)
+    models = out["setups"]["vgg_tiny@28"]["models"]
+    assert set(models) == {"sae-first", "sae-all", "sae-layerwise", "swwae-first", "swwae-all", "swwae-layerwise"}
+    assert all(m["flops_ratio"] > 1 for m in models.values())  # a decoder adds arithmetic
+    assert out["worst_time_over_flops_ratio"] == max(m["time_over_flops"] for m in models.values())
+
+
+def test_stage_tree_smoke_counts_exact_reuse(tmp_path):
+    out = run_smoke("stage_tree", tmp_path)
+    assert out["executed_epochs"] == out["exact_reuse_epochs"] and out["ratio"] == out["exact_reuse_ratio"] < 1
+
+
+@pytest.mark.ray
+def test_overhead_smoke(tmp_path):
+    out = run_smoke("overhead", tmp_path)
+    assert out["ratio"] > 0 and out["same_results"] is True
