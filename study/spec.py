@@ -16,10 +16,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainables.data import dataset_names
-from trainables.models import VARIANTS, create_model
+from trainables.models import VARIANTS, create_model, model_config
 from trainables.models.factory import SKIP_VARIANTS, split_variant
 from trainables.models.vgg import VGG_CONFIGS
-from trainables.stages.procedure import KINDS, placement_levels
+from trainables.stages.procedure import KINDS, StageSettings, placement_levels, procedure
 
 
 class SpecError(ValueError):
@@ -296,17 +296,12 @@ class StudySpec(Strict):
 
 
 def needed_kinds(variant: str) -> list[str]:
-    """Stage kinds a variant's procedure uses."""
+    """Stage kinds a variant's procedure uses (read off the procedure itself, so the two cannot disagree)."""
     if variant not in VARIANTS:
         return []
-    decoder, placement = split_variant(variant)
-    if variant == "skipae":
-        return ["pretrain", "finetune"]
-    if variant == "skipae-scratch":
-        return ["finetune"]
-    if decoder == "none":
-        return ["classifier", "finetune"]
-    return ["classifier", "layerwise"] + ([] if placement == "layerwise" else ["topdown"]) + ["finetune"]
+    shape = DATASET_SHAPES["fashion_mnist"]
+    model = model_config(resolved_model_dict(ModelSpec(encoder="vgg_tiny"), variant, *shape))
+    return [stage.kind for stage in procedure(model, {kind: StageSettings() for kind in KINDS})]
 
 
 def model_levels(model: ModelSpec, variant: str) -> list[str]:

@@ -57,6 +57,5 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         finals.append(final)
         tune.report({"event": "seed_end", **final, **idle})
     mean = {k: float(np.mean([f[k] for f in finals])) for k in finals[0] if all(k in f for f in finals)}
-    finetune_epochs = max((s.epochs for k, s in plan.settings.items() if k == "finetune"), default=0)
-    tune.report({"event": "trial_end", **mean, "objective": mean[metric], "finetune_epoch": finetune_epochs,
+    tune.report({"event": "trial_end", **mean, "objective": mean[metric], "finetune_epoch": plan.settings["finetune"].epochs,
                  "seed": seeds[-1]})

@@ -27,7 +27,7 @@ from .evaluate import final_metrics, topk_errors
 from .keys import stage_key
 from .loop import Runtime, derive_seed, make_optimizer, prepare, run_epochs, unwrap
 from .procedure import Stage
-from .store import StageStore
+from .store import CorruptEntry, StageStore
 
 MODEL_FILE, RECORD_FILE, INVERT_FILE = "model.pt", "record.json", "invert.npz"
 DECODER_KINDS = ("layerwise", "topdown", "finetune", "pretrain")
@@ -146,8 +146,6 @@ def missing_from(store: StageStore, chain: list[PlannedStage]) -> int:
     Only the deepest stored stage matters: everything above it was needed to make it. Entries are verified;
     a corrupt one is discarded (and will be recomputed).
     """
-    from .store import CorruptEntry
-
     for i in range(len(chain) - 1, -1, -1):
         if store.has(chain[i].key):
             try:
