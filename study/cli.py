@@ -6,7 +6,9 @@
     study ui quickstart                         MLflow UI on http://127.0.0.1:5000 over the study's records
     study report quickstart                     (re)write the HTML report
 
-Exit codes: 0 ok, 1 the study ran but some trials failed, 2 bad input (spec, name, arguments).
+Exit codes: 0 ok, 1 failed work (some trials failed, unreadable records), 2 bad input (spec, name, arguments,
+data, weights, store, results directory, cluster address), 130 / 143 stopped by Ctrl-C / SIGTERM (`study resume`
+continues). Errors are one line each; --debug shows the traceback.
 """
 
 from __future__ import annotations
@@ -15,10 +17,17 @@ import argparse
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
+from trainables.data import DataError
+from trainables.stages.store import StoreError
+
 from .paths import StudyPaths
-from .spec import SpecError, load_spec
+from .preflight import Context, PreflightError, preflight
+from .spec import SpecError, load_spec, parse_spec, read_spec
+
+BAD_INPUT = (SpecError, PreflightError, DataError)  # exit 2: nothing was created
 
 
 def _results_dir(args) -> str:
@@ -28,15 +37,29 @@ def _results_dir(args) -> str:
 def _paths(name: str, args) -> StudyPaths:
     paths = StudyPaths.of(name, _results_dir(args))
     if not paths.spec_file.exists():
-        raise SystemExit(_fail(f"no study {name!r} in {paths.root.parent} (looked for {paths.spec_file}); "
-                               "launch it first, or pass --results-dir"))
+        raise PreflightError([f"no study {name!r} in {paths.root.parent} (looked for {paths.spec_file}); "
+                              "launch it first, or pass --results-dir"], name)
     spec = load_spec(paths.spec_file)
     return StudyPaths.of(spec.name, _results_dir(args), spec.store)
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, code: int = 2) -> int:
     print(f"study: {message}", file=sys.stderr)
-    return 2
+    return code
+
+
+def _check(spec, paths: StudyPaths, args, document: dict | None = None) -> None:
+    """Everything checkable about the run, before anything is created (PreflightError / DataError otherwise)."""
+    from trainables.data import build_data
+
+    from .plan import data_config
+
+    try:
+        data = build_data(data_config(spec), spec.seeds[0])  # the data exists and splits as asked
+    except DataError as exc:
+        raise DataError(f"data: {exc}") from exc
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    preflight(Context(spec, paths, address, (data.in_channels, data.num_classes, data.image_size), document))
 
 
 def _summary(spec, paths: StudyPaths, results, report: bool) -> int:
@@ -66,23 +89,12 @@ def _write_report(spec, paths: StudyPaths) -> Path:
 def cmd_launch(args) -> int:
     from .launch import launch
 
-    from trainables.data import DataError, build_data
-
-    from .plan import data_config
-
-    try:
-        spec = load_spec(args.spec, args.set, args.smoke)  # validate before anything is created
-        build_data(data_config(spec), spec.seeds[0])  # the data exists and splits as asked
-    except SpecError as exc:
-        return _fail(str(exc))
-    except DataError as exc:
-        return _fail(f"{args.spec}: data: {exc}")
+    document = read_spec(args.spec, args.set, args.smoke)  # validate before anything is created
+    spec = parse_spec(document, str(args.spec))
+    _check(spec, StudyPaths.of(spec.name, args.results_dir or spec.results_dir, spec.store), args, document)
     print(f"study {spec.name}: {len(spec.models)} model(s) x {len(spec.seeds)} seed(s)"
           + (f", {spec.search.algorithm} search" if spec.search else "") + f" on {spec.data.dataset}")
-    try:
-        spec, paths, results = launch(args.spec, args.results_dir, args.address, args.set, args.smoke)
-    except FileExistsError as exc:
-        return _fail(str(exc))
+    spec, paths, results = launch(args.spec, args.results_dir, args.address, args.set, args.smoke)
     return _summary(spec, paths, results, report=not args.no_report)
 
 
@@ -90,6 +102,7 @@ def cmd_resume(args) -> int:
     from .launch import resume
 
     paths = _paths(args.name, args)
+    _check(load_spec(paths.spec_file), paths, args)
     spec, paths, results = resume(args.name, str(paths.root.parent), args.address)
     return _summary(spec, paths, results, report=not args.no_report)
 
@@ -97,10 +110,12 @@ def cmd_resume(args) -> int:
 def cmd_status(args) -> int:
     import pandas as pd
 
+    from .launch import launcher_alive
     from .status import trial_status
 
     paths = _paths(args.name, args)
-    frame = trial_status(paths.tracking_uri, args.name)
+    spec = load_spec(paths.spec_file)
+    frame = trial_status(paths.tracking_uri, args.name, spec, paths.store_uri, launcher_alive(paths))
     if frame.empty:
         print(f"study {args.name}: no trial recorded yet")
         return 0
@@ -109,6 +124,8 @@ def cmd_status(args) -> int:
         print(frame.to_string(index=False))
     counts = frame["status"].value_counts().to_dict()
     print("\n" + ", ".join(f"{n} {s.lower()}" for s, n in counts.items()))
+    if counts.get("INTERRUPTED"):
+        print(f"`study resume {args.name}` continues the interrupted trials")
     return 0
 
 
@@ -132,6 +149,10 @@ def cmd_report(args) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="study", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of an error, not only its message")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp, name=True):
@@ -139,7 +160,7 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument("name", help="the study's name (its spec's `name`)")
         sp.add_argument("--results-dir", help="where studies live (default: $STUDY_RESULTS_DIR or ./runs)")
 
-    sp = sub.add_parser("launch", help="validate a spec and run the study")
+    sp = sub.add_parser("launch", parents=[debug], help="validate a spec and run the study")
     sp.add_argument("spec", help="a study spec (YAML), e.g. studies/quickstart.yaml")
     sp.add_argument("--results-dir", help="override the spec's results_dir")
     sp.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
@@ -150,33 +171,65 @@ def parser() -> argparse.ArgumentParser:
                     help="the same study at toy size (tiny VGG, 200 images, 1 epoch per stage), named <name>-smoke")
     sp.set_defaults(func=cmd_launch)
 
-    sp = sub.add_parser("resume", help="continue an interrupted study")
+    sp = sub.add_parser("resume", parents=[debug], help="continue an interrupted study")
     common(sp)
     sp.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     sp.add_argument("--no-report", action="store_true")
     sp.set_defaults(func=cmd_resume)
 
-    sp = sub.add_parser("status", help="table of the study's trials")
+    sp = sub.add_parser("status", parents=[debug], help="table of the study's trials")
     common(sp)
     sp.set_defaults(func=cmd_status)
 
-    sp = sub.add_parser("ui", help="serve the MLflow UI on 127.0.0.1 over the study's records")
+    sp = sub.add_parser("ui", parents=[debug], help="serve the MLflow UI on 127.0.0.1 over the study's records")
     common(sp)
     sp.add_argument("--port", type=int, default=5000)
     sp.set_defaults(func=cmd_ui)
 
-    sp = sub.add_parser("report", help="write the study's HTML report")
+    sp = sub.add_parser("report", parents=[debug], help="write the study's HTML report")
     common(sp)
     sp.set_defaults(func=cmd_report)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from analysis import AnalysisError
+
+    from .launch import Interrupted
+    from .status import RecordsError
+
     args = parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
     try:
         return args.func(args)
-    except SpecError as exc:
-        return _fail(str(exc))
+    except Interrupted as exc:
+        name = getattr(args, "name", None) or _name_of(args)
+        print(f"study: stopped by {exc}; running trials were stopped and recorded as KILLED, finished stages are "
+              f"kept. Continue with: study resume {name}", file=sys.stderr)
+        return 128 + exc.signum
+    except KeyboardInterrupt:
+        print("study: interrupted before the study started; nothing to resume", file=sys.stderr)
+        return 130
+    except BAD_INPUT as exc:
+        if debug:
+            traceback.print_exc()
+        return _fail(str(exc), 2)
+    except (AnalysisError, RecordsError, StoreError) as exc:
+        if debug:
+            traceback.print_exc()
+        return _fail(str(exc), 1)
+    except Exception as exc:  # noqa: BLE001 (anything else is failed work: one line, the traceback on --debug)
+        if debug:
+            traceback.print_exc()
+        first = next((line for line in str(exc).strip().splitlines() if line.strip()), "")
+        return _fail(f"{type(exc).__name__}: {first[:500]}" + ("" if debug else " (--debug shows the traceback)"), 1)
+
+
+def _name_of(args) -> str:
+    try:
+        return load_spec(args.spec, args.set, args.smoke).name
+    except Exception:  # noqa: BLE001
+        return "<name>"
 
 
 if __name__ == "__main__":

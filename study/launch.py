@@ -5,10 +5,15 @@ Ray is touched here and in `trial.py`; the spec, plan, records and analysis do n
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import os
+import signal
+import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -74,6 +79,7 @@ def init_ray(address: str | None) -> None:
     # The CLI prints its own progress: no Tune status tables, no TensorBoard/CSV/JSON result files per trial.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray's own messages (a worker killed...) without ANSI codes
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     if not ray.is_initialized():
         ray.init(address=address or os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
@@ -103,8 +109,10 @@ def build_tuner(spec: StudySpec, paths: StudyPaths, spec_text: str, restore: boo
     # empty request), so idle drivers never hold the CPUs their own workers need.
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"cpu": 0, "memory": 2**20})
     tune_dir = paths.ray_dir / TUNE_NAME
-    if restore:
-        return tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    if restore:  # Tune's tuner.pkl keeps no search space: give it again (a grid's; a searcher keeps its own)
+        space = grid_space(spec) if spec.search is None or spec.search.algorithm == "grid" else None
+        return tune.Tuner.restore(str(tune_dir), trainable=trainable, param_space=space, resume_unfinished=True,
+                                  resume_errored=True)
     search_alg = scheduler = None
     num_samples = 1
     if spec.search is None or spec.search.algorithm == "grid":
@@ -151,25 +159,114 @@ def prepare_study_dir(spec: StudySpec, document: dict, paths: StudyPaths) -> str
 
 
 def can_restore(paths: StudyPaths) -> bool:
-    """Whether an earlier launch left Tune state to continue from (a kill at start-up may leave none)."""
+    """Whether an earlier launch left Tune state to continue from. A kill at start-up may leave none, or only
+    `tuner.pkl` (written before the first `experiment_state-*.json`): then the study starts its Tune run afresh."""
     from ray import tune  # [ray] experiment state
 
-    return (paths.ray_dir / TUNE_NAME).exists() and tune.Tuner.can_restore(str(paths.ray_dir / TUNE_NAME))
+    tune_dir = paths.ray_dir / TUNE_NAME
+    return (tune_dir.exists() and any(tune_dir.glob("experiment_state-*.json"))
+            and tune.Tuner.can_restore(str(tune_dir)))
+
+
+class Interrupted(Exception):
+    """The study was stopped by a signal; its state is saved and `study resume` continues it."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+class StopSignals:
+    """SIGINT / SIGTERM while a study runs: the first asks Tune to stop (it saves its state, stops the trials, and
+    the recorder marks their runs KILLED); a second one exits at once.
+
+    Tune's own SIGINT handler is turned off (TUNE_DISABLE_SIGINT_HANDLER) so that both signals take this path;
+    Tune is asked to stop through SIGUSR1, which it always handles while `fit()` runs.
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.fitting = False
+
+    def __enter__(self):
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        self.saved = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.saved.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            print("\nstudy: stopping at once; `study resume` continues from the last saved state", file=sys.stderr,
+                  flush=True)
+            os._exit(128 + signum)
+        self.signum = signum
+        print(f"\nstudy: {signal.Signals(signum).name} received: stopping the trials and saving the study's state "
+              "(again to stop at once)", file=sys.stderr, flush=True)
+        tune_handler = signal.getsignal(signal.SIGUSR1)
+        if self.fitting and callable(tune_handler):
+            os.kill(os.getpid(), signal.SIGUSR1)  # [ray] Tune ends its loop, checkpoints and stops the trials
+        else:
+            raise Interrupted(signum)
 
 
 def run(spec: StudySpec, paths: StudyPaths, spec_text: str, *, restore: bool, address: str | None = None):
-    """Run (or resume) the study's Tune experiment; returns the ResultGrid."""
-    init_ray(address)
-    tuner = build_tuner(spec, paths, spec_text, restore)
-    results = tuner.fit()
-    import mlflow
+    """Run (or resume) the study's Tune experiment; returns the ResultGrid, or raises Interrupted."""
+    from .records import retire_runs
 
-    client = mlflow.MlflowClient(paths.tracking_uri)
-    exp = client.get_experiment_by_name(spec.name)
-    if exp is not None:
-        for r in client.search_runs([exp.experiment_id], "tags.role = 'study'"):
-            client.set_terminated(r.info.run_id, "FAILED" if results.errors else "FINISHED")
+    with StopSignals() as stop, launcher_mark(paths):
+        init_ray(address)
+        if not restore:  # a fresh Tune run re-runs every trial: records of an earlier, unrestorable attempt go
+            retire_runs(paths.tracking_uri, spec.name)
+        tuner = build_tuner(spec, paths, spec_text, restore)
+        stop.fitting = True
+        results = tuner.fit()
+        stop.fitting = False
+        import mlflow
+
+        client = mlflow.MlflowClient(paths.tracking_uri)
+        exp = client.get_experiment_by_name(spec.name)
+        status = "KILLED" if stop.signum else "FAILED" if results.errors else "FINISHED"
+        if exp is not None:
+            for r in client.search_runs([exp.experiment_id], "tags.role = 'study'"):
+                client.set_terminated(r.info.run_id, status)
+        if stop.signum:
+            raise Interrupted(stop.signum)
     return results
+
+
+LAUNCHER_FILE = "launcher.json"
+
+
+@contextlib.contextmanager
+def launcher_mark(paths: StudyPaths):
+    """`<study>/launcher.json` (host, pid) while a launcher runs the study: `study status` tells a running trial
+    from one left RUNNING by a launcher that died."""
+    mark = paths.root / LAUNCHER_FILE
+    mark.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    try:
+        yield
+    finally:
+        mark.unlink(missing_ok=True)
+
+
+def launcher_alive(paths: StudyPaths) -> bool | None:
+    """True/False if this machine can tell whether the study's launcher runs; None if it runs elsewhere."""
+    try:
+        mark = json.loads((paths.root / LAUNCHER_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    if mark.get("host") != socket.gethostname():
+        return None
+    try:
+        os.kill(int(mark["pid"]), 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
 
 
 def launch(spec_path: str | Path, results_dir: str | None = None, address: str | None = None,

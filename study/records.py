@@ -5,8 +5,10 @@ callback turns them into runs. One writer means no lost run or metric under para
 tracking store (SQLite included). Stage results are read from the stage store, so a reused stage is recorded
 exactly like a computed one (its per-epoch history comes from the store), tagged `reused=true`.
 
-On `study resume` the callback finds the runs it wrote before (by tags) instead of duplicating them; a stage run
-left unfinished by an interruption is replaced.
+On `study resume` the callback finds the runs it wrote before (by tags) instead of duplicating them: a stage run
+left unfinished by an interruption is continued, a finished trial or stage that Tune runs again is not logged
+twice (one value per metric and step), and runs still RUNNING when the experiment ends (it was interrupted) are
+marked KILLED.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class MlflowRecorder(tune.Callback):
         self._stage_runs: dict[tuple[str, int, str], str] = {}
         self._current_seed: dict[str, int] = {}
         self._failed: set[str] = set()
+        self._steps: dict[str, set[int]] = {}  # stage run -> epochs whose metrics it holds
         self.client = None
 
     # -- setup ---------------------------------------------------------------------------------------------
@@ -140,10 +143,10 @@ class MlflowRecorder(tune.Callback):
         parent = self._trial_run(trial_id, seed)
         for old in self._search(f"tags.role = 'stage' and tags.trial_id = '{trial_id}' and tags.seed = '{seed}' "
                                 f"and tags.stage_key = '{stage_key}'"):
-            if old.info.status == "FINISHED":
-                self._stage_runs[key] = old.info.run_id
-                return old.info.run_id
-            self.client.delete_run(old.info.run_id)  # interrupted before: replaced by this attempt
+            if old.info.status != "FINISHED":  # interrupted before: this attempt continues it
+                self.client.update_run(old.info.run_id, status="RUNNING")
+            self._stage_runs[key] = old.info.run_id
+            return old.info.run_id
         model = self.client.get_run(parent).data.tags.get("model", "")
         tags = {"role": "stage", "stage": stage, "stage_key": stage_key, "trial_id": trial_id, "seed": str(seed),
                 "model": model, "mlflow.parentRunId": parent}
@@ -167,13 +170,18 @@ class MlflowRecorder(tune.Callback):
         if event == "epoch":
             run_id = self._stage_run(trial_id, seed, result["stage_key"], result["stage"])
             step = int(result["epoch"])
+            if step in self._logged_epochs(run_id):
+                return  # logged by an attempt before an interruption
             now = int(time.time() * 1000)
             metrics = {k: v for k, v in numeric(result).items() if k.startswith(("loss", "val_"))}
             self.client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+            self._steps[run_id].add(step)
         elif event == "stage_done":
             self._stage_done(trial_id, seed, result)
         elif event == "seed_end":
             run_id = self._trial_run(trial_id, seed)
+            if self.client.get_run(run_id).info.status == "FINISHED":
+                return  # the trial had finished before an interruption; Tune ran it again (all stages reused)
             now = int(time.time() * 1000)
             metrics = {k: v for k, v in numeric(result).items() if k in FINAL_KEYS}
             self.client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
@@ -190,11 +198,15 @@ class MlflowRecorder(tune.Callback):
             record = json.load(f)
         now = int(time.time() * 1000)
         metrics = []
-        if reused:  # nothing was logged live: the history comes from the store
-            for row in record["history"]:
+        logged = self._logged_epochs(run_id)
+        for row in record["history"]:  # epochs not logged live (a reused stage, or lost to an interruption)
+            if int(row["epoch"]) not in logged:
                 metrics += [Metric(k, v, now, int(row["epoch"])) for k, v in numeric(row).items() if k != "epoch"]
-        last = record["history"][-1]["epoch"] if record["history"] else 0
-        metrics += [Metric(k, v, now, last) for k, v in numeric(record["final"]).items()]
+        last_row = record["history"][-1] if record["history"] else {"epoch": 0}
+        if "train_top1_err" not in self.client.get_run(run_id).data.metrics:  # finals not logged before
+            # at the last epoch's step, a metric the epoch already has (val_top1_err...) is not logged twice
+            metrics += [Metric(k, v, now, int(last_row["epoch"])) for k, v in numeric(record["final"]).items()
+                        if k not in last_row]
         for i in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 metrics
             self.client.log_batch(run_id, metrics=metrics[i:i + 900])
         config = {k: record[k] for k in ("key", "parent", "seed", "data_identity", "stage", "code_version", "workers")
@@ -209,6 +221,17 @@ class MlflowRecorder(tune.Callback):
                 np.savez_compressed(os.path.join(tmp, "invert.npz"), **arrays)
                 self.client.log_artifacts(run_id, tmp, "recon")
         self.client.set_terminated(run_id, "FINISHED")
+
+    def _logged_epochs(self, run_id: str) -> set[int]:
+        if run_id not in self._steps:
+            self._steps[run_id] = {m.step for m in self.client.get_metric_history(run_id, "loss")}
+        return self._steps[run_id]
+
+    def on_experiment_end(self, trials, **info):
+        """The experiment ends; runs still RUNNING were interrupted (Ctrl-C, SIGTERM): they are KILLED."""
+        for run_id in [*self._trial_runs.values(), *self._stage_runs.values()]:
+            if self.client.get_run(run_id).info.status == "RUNNING":
+                self.client.set_terminated(run_id, "KILLED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         seed = self._current_seed.get(trial.trial_id, trial.config.get("seed", 0))
@@ -232,3 +255,20 @@ class MlflowRecorder(tune.Callback):
         for (tid, _, _), stage_run in self._stage_runs.items():
             if tid == trial.trial_id and self.client.get_run(stage_run).info.status == "RUNNING":
                 self.client.set_terminated(stage_run, "KILLED")
+
+
+def retire_runs(tracking_uri: str, experiment: str) -> int:
+    """Before a fresh Tune run of a study that has records (an earlier attempt whose Tune state was lost at
+    start-up): its trial and stage runs are ended (KILLED if they were running) and deleted, since every trial
+    runs again, with its stages from the store. Returns how many runs were retired."""
+    client = mlflow.MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return 0
+    runs = [r for role in ("stage", "trial")
+            for r in client.search_runs([exp.experiment_id], f"tags.role = '{role}'", max_results=50000)]
+    for r in runs:
+        if r.info.status == "RUNNING":
+            client.set_terminated(r.info.run_id, "KILLED")
+        client.delete_run(r.info.run_id)
+    return len(runs)

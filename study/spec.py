@@ -373,13 +373,33 @@ def parse_spec(data: Any, source: str = "spec") -> StudySpec:
     return spec
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's rule, enforced: a key appears once per mapping (PyYAML would keep the last value silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise SpecError([f"{key}: duplicate key (lines {seen[key]} and {line}); YAML keeps only the last "
+                                 "value, so remove or rename one"], self.name)
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def read_spec(path: str | Path, overrides: list[str] = (), smoke: bool = False) -> dict:
     """The spec document of `path` with `--set path=value` overrides (values in YAML) and the smoke reduction."""
     path = Path(path)
     if not path.is_file():
         raise SpecError([f"no such spec file: {path}"], str(path))
     try:
-        data = yaml.safe_load(path.read_text())
+        loader = _UniqueKeyLoader(path.read_text())
+        loader.name = str(path)
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         raise SpecError([f"not valid YAML: {exc}"], str(path)) from None
     if not isinstance(data, dict):

@@ -80,6 +80,10 @@ def _worker(job: SegmentJob) -> None:
         with checkpoint.as_directory() as d:
             saved = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
         first, resume = saved["stage_index"], saved["state"]
+        planned = job.segment[first]
+        ray.train.report({"event": "stage_retry", "stage": planned.stage.kind, "stage_key": planned.key,  # [ray]
+                          "epoch": resume["epoch"],
+                          **_asha_fields(planned, 0, {}, job.objective_metric)})
 
     wrap = (lambda m: ray.train.torch.prepare_model(m, move_to_device=False)) if world > 1 else (lambda m: m)
     for index in range(first, len(job.segment)):
