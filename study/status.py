@@ -40,7 +40,7 @@ def trial_status(tracking_uri: str, study: str, spec: StudySpec | None = None, s
     `launcher_running`: False when no launcher runs the study (runs still RUNNING were interrupted), None if
     unknown. `store_uri`: where stage progress is read (else from the MLflow stage runs).
     """
-    client = mlflow.MlflowClient(tracking_uri)
+    client = _read("the MLflow records", tracking_uri, lambda: mlflow.MlflowClient(tracking_uri))
     exp = _read("the MLflow records", tracking_uri, lambda: client.get_experiment_by_name(study))
     if exp is None:
         raise AnalysisError(f"no MLflow experiment {study!r} at {tracking_uri}: has the study been launched?")

@@ -1,8 +1,9 @@
 """The product's main path, as a user lives it: the `study` CLI on a local Ray, with real MLflow and Optuna stores.
 
-One micro study (2 models x 2 seeds, tiny VGG, a Fashion-MNIST subset) is launched through the CLI, killed with
-SIGKILL in the middle, and resumed; the tests then read what a user would find: the MLflow records, `study
-status`, the stage store. A micro Optuna search over the same store shows stage reuse across studies.
+One micro study (2 models x 2 seeds, tiny VGG, a Fashion-MNIST subset) is launched through the CLI, killed at
+start-up, stopped with Ctrl-C, hit by a Train worker kill and a launcher SIGKILL, and resumed after each; the tests
+then read what a user would find: the MLflow records, `study status`, the stage store, and the final weights,
+which must equal an undisturbed run's. A micro Optuna search over the same store shows stage reuse across studies.
 """
 
 from __future__ import annotations
@@ -74,35 +75,80 @@ def runs_of(uri: str, experiment: str, role: str):
     return client.search_runs([exp.experiment_id], f"tags.role = '{role}'", max_results=1000)
 
 
-@pytest.fixture(scope="module")
-def micro(tmp_path_factory):
-    """The micro study: launched, SIGKILLed once its first trial has finished, then resumed to completion."""
-    work = tmp_path_factory.mktemp("study")
-    spec = write_spec(work, MICRO)
+def launch_bg(args, cwd: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    log = open(work / "launch.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "study", "launch", str(spec), "--no-report"], cwd=work, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    store_dir = work / "runs" / "store"
-    deadline = time.time() + 480
-    killed_with = None
+    return subprocess.Popen([sys.executable, "-m", "study", *args], cwd=cwd, env=env, stdout=open(log, "a"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 480, poll: float = 0.05):
+    """Poll until `condition()` is truthy (returned), failing if the process ends first or time runs out."""
+    deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        keys = StageStore(str(store_dir)).keys() if store_dir.exists() else []
-        if any(k.startswith("finetune") for k in keys):  # a whole trial is done, others are running
-            killed_with = sorted(keys)
-            os.kill(proc.pid, signal.SIGKILL)  # the launcher only, as a crash or `kill -9` would
-            killed_at_ms = int(time.time() * 1000)
-            break
-        time.sleep(0.5)
+        if found := condition():
+            return found
+        time.sleep(poll)
+    raise AssertionError(f"condition not met (exit {proc.poll()}):\n{log.read_text()[-3000:]}")
+
+
+def finetunes(store_dir: Path) -> list[str]:
+    return sorted(p.parent.name for p in store_dir.glob("finetune-*/MANIFEST.json"))
+
+
+def train_workers(sid: int) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.getsid(int(pid)) == sid and b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    """The micro study through every kind of stop, each followed by `study resume`:
+    1. the launcher SIGKILLed at start-up, as soon as Tune has written tuner.pkl (before any experiment state);
+    2. Ctrl-C (SIGINT to the process group, as a terminal sends it) once a whole trial has finished;
+    3. the launcher SIGKILLed once another fine-tuning is published, after a Train worker was SIGKILLed;
+    then resumed to completion."""
+    work = tmp_path_factory.mktemp("study")
+    spec = write_spec(work, MICRO)
+    log = work / "launch.log"
+    store_dir = work / "runs" / "store"
+    tune_dir = work / "runs" / "micro" / "ray" / "tune"
+
+    proc = launch_bg(["launch", str(spec), "--no-report"], work, log)  # 1. start-up
+    wait_for(lambda: (tune_dir / "tuner.pkl").exists(), proc, log, poll=0.01)
+    os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
-    log.close()
-    assert killed_with is not None, (work / "launch.log").read_text()[-3000:]
+
+    proc = launch_bg(["resume", "micro", "--no-report"], work, log)  # 2. Ctrl-C
+    wait_for(lambda: finetunes(store_dir), proc, log)
+    os.killpg(proc.pid, signal.SIGINT)
+    sigint_exit = proc.wait(timeout=300)
+    sigint_out = log.read_text()
+    status_after_sigint = cli("status", "micro", cwd=work).stdout
+
+    proc = launch_bg(["resume", "micro", "--no-report"], work, log)  # 3. a Train worker, then the launcher
+    done_before = finetunes(store_dir)
+    worker = wait_for(lambda: train_workers(proc.pid), proc, log)[0]
+    os.kill(worker, signal.SIGKILL)
+    wait_for(lambda: len(finetunes(store_dir)) > len(done_before), proc, log)
+    killed_with = sorted(p.name for p in store_dir.iterdir() if (p / "MANIFEST.json").exists())
+    os.kill(proc.pid, signal.SIGKILL)  # the launcher only, as a crash or `kill -9` would
+    killed_at_ms = int(time.time() * 1000)
+    proc.wait(timeout=60)
+    status_after_kill = cli("status", "micro", cwd=work).stdout
+
     resumed = cli("resume", "micro", cwd=work)
     uri = f"sqlite:///{work / 'runs' / 'micro' / 'mlflow.db'}"
     return {"work": work, "uri": uri, "killed_with": killed_with, "killed_at_ms": killed_at_ms,
-            "resume_out": resumed.stdout,
-            "store": StageStore(str(store_dir))}
+            "resume_out": resumed.stdout, "log": log.read_text() + resumed.stdout, "sigint_exit": sigint_exit,
+            "sigint_out": sigint_out, "status_after_sigint": status_after_sigint,
+            "status_after_kill": status_after_kill, "store": StageStore(str(store_dir))}
 
 
 @pytest.mark.ray
@@ -177,6 +223,48 @@ def test_resume_after_sigkill_completes_without_recomputing_finished_stages(micr
         micro["killed_with"])
     assert "Results of micro" in micro["resume_out"]
     assert len({s.data.tags["stage_key"] for s in stages}) == 10
+
+
+def chaos_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("chaos", Path(__file__).parent.parent / "bench" / "chaos.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.ray
+def test_ctrl_c_stops_the_study_cleanly_and_says_how_to_resume(micro):
+    assert micro["sigint_exit"] == 130, micro["sigint_out"][-3000:]
+    assert "Continue with: study resume micro" in micro["sigint_out"]
+    assert "Traceback" not in micro["sigint_out"]
+    for status in (micro["status_after_sigint"], micro["status_after_kill"]):
+        assert "RUNNING" not in status and "INTERRUPTED" in status, status  # nothing runs, and status says so
+        assert "`study resume micro` continues the interrupted trials" in status
+    assert "PENDING" in micro["status_after_sigint"] or "FINISHED" in micro["status_after_sigint"]
+
+
+@pytest.mark.ray
+def test_every_interruption_recovers_the_undisturbed_results_and_records(micro):
+    chaos = chaos_module()
+    ref = chaos.reference(micro["work"] / "micro.yaml")  # plain PyTorch, one process, nothing interrupted
+    assert set(ref) == set(micro["store"].keys())
+    for key, fingerprint in ref.items():
+        assert chaos.stage_fingerprint(micro["store"].get(key)) == fingerprint, key
+    problems = chaos.record_problems(micro["uri"], "micro")
+    assert problems == {"orphan_runs": 0, "duplicated_runs": 0, "repeated_metric_values": 0}, problems
+
+
+@pytest.mark.ray
+def test_progress_lines_continue_across_resumes_without_ray_noise(micro):
+    log = micro["log"]
+    assert "\x1b[" not in log  # no ANSI colour codes, even into a file
+    assert "retried from its checkpoint" in log  # a stage that went on from its checkpoint says so
+    last = [l for l in micro["resume_out"].splitlines() if l.startswith("[")]
+    numbers = {int(l[1:3]) for l in last}
+    assert numbers and min(numbers) >= 1 and all(f"/4 " in l for l in last)
+    assert not any(" 0 done" in l for l in last[-3:]), last  # the done count continues across a resume
 
 
 @pytest.mark.ray

@@ -1,0 +1,230 @@
+"""Faults at random moments: does a study recover with exactly the results of an undisturbed run?
+
+    python bench/chaos.py                 # 10 attempts on a micro study (3 models x 2 seeds, tiny VGG)
+    python bench/chaos.py --smoke         # 2 attempts on 1 model x 1 seed (what CI runs)
+
+Each attempt launches the study through the `study` CLI in a fresh results directory (its own stage store, so
+stages are computed, not reused), then, at a moment drawn from a seeded schedule over the measured length of an
+undisturbed launch (start-up included), either
+- SIGKILLs one Ray Train worker (the stage must go on from its last checkpoint, within the same launch), or
+- SIGKILLs the launcher (as a crash or `kill -9` would), and runs `study resume` to completion.
+Then it checks what a user relies on:
+- every stage's weights (sha256 of model.pt), final metrics and per-epoch history equal those of an undisturbed
+  single-process CPU run of the same chains (computed once, up front, with plain PyTorch);
+- no stage published before the kill was computed again (its store entry is untouched);
+- MLflow holds no run left RUNNING (deleted or not), no duplicated run, and one value per metric and step.
+The last line printed is one JSON object: attempts, recovered_identical, stages_recomputed, orphan_runs, ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+STAGES = {kind: {"epochs": 1 if kind != "finetune" else 2, "batch_size": 64, "optimizer": {"name": "adam", "lr": 0.003}}
+          for kind in ("classifier", "layerwise", "topdown", "finetune")}
+
+
+def micro_spec(smoke: bool) -> dict:
+    return {"name": "chaos", "models": ["baseline"] if smoke else ["baseline", "sae-all", "swwae-all"],
+            "seeds": [0] if smoke else [0, 1], "data": {"subset": 200, "val_size": 50},
+            "model": {"encoder": "vgg_tiny"}, "stages": STAGES, "loss": {"weights": {"image": 0.001, "pool1": 0.0001}}}
+
+
+# -- reference: the undisturbed CPU run ------------------------------------------------------------------------
+
+
+def stage_fingerprint(entry) -> dict:
+    record = json.loads(Path(entry.path, "record.json").read_text())
+    return {"model": entry.manifest["files"]["model.pt"], "final": record["final"], "history": record["history"]}
+
+
+def reference(spec_path: Path) -> dict[str, dict]:
+    """Every stage of every trial, computed in this process with plain PyTorch on one thread (as a Train worker
+    with one core computes): stage key -> fingerprint."""
+    import torch
+
+    from study.plan import data_config, resolve
+    from study.spec import load_spec
+    from trainables.data import build_data
+    from trainables.stages.chain import run_chain_locally
+    from trainables.stages.loop import Runtime
+    from trainables.stages.store import StageStore
+
+    torch.set_num_threads(1)
+    spec = load_spec(spec_path)
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        store = StageStore(d)
+        for seed in spec.seeds:
+            data = build_data(data_config(spec), seed)
+            for model in spec.models:
+                plan = resolve(spec, {"model": model, "seed": seed}, (data.in_channels, data.num_classes, data.image_size))
+                chain = plan.chain(data.identity, seed)
+                run_chain_locally(chain, store, data, Runtime(device="cpu"), seed)
+                out.update({p.key: stage_fingerprint(store.get(p.key)) for p in chain})
+    return out
+
+
+# -- one attempt -----------------------------------------------------------------------------------------------
+
+
+def cli(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with open(log, "a") as f:
+        return subprocess.Popen([sys.executable, "-m", "study", *args], cwd=cwd, env=env, stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def session_processes(sid: int) -> dict[int, str]:
+    """pid -> command line of the processes of a session (the launcher and the Ray it started)."""
+    out = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if os.getsid(int(pid)) != sid:
+                continue
+            out[int(pid)] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ProcessLookupError):
+            continue
+    return out
+
+
+def manifests(store_dir: Path) -> dict[str, int]:
+    """Published stages: key -> mtime of its manifest (a recomputed stage would be published anew)."""
+    if not store_dir.exists():
+        return {}
+    return {p.parent.name: p.stat().st_mtime_ns for p in store_dir.glob("*/MANIFEST.json")}
+
+
+def record_problems(tracking_uri: str, study: str) -> dict:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(study)
+    runs = client.search_runs([exp.experiment_id], run_view_type=3, max_results=5000)  # active and deleted
+    active = [r for r in runs if r.info.lifecycle_stage == "active"]
+    ids = collections.Counter((r.data.tags.get("role"), r.data.tags.get("trial_id"), r.data.tags.get("seed"),
+                               r.data.tags.get("stage_key")) for r in active)
+    repeated = 0
+    for r in active:
+        for name in r.data.metrics:
+            steps = collections.Counter(m.step for m in client.get_metric_history(r.info.run_id, name))
+            repeated += sum(n - 1 for n in steps.values())
+    trials = collections.Counter((r.data.tags.get("model"), r.data.tags.get("seed")) for r in active
+                                 if r.data.tags.get("role") == "trial")
+    return {"orphan_runs": sum(r.info.status == "RUNNING" for r in runs),
+            "duplicated_runs": sum(n - 1 for n in ids.values()) + sum(n - 1 for n in trials.values()),
+            "repeated_metric_values": repeated}
+
+
+def attempt(work: Path, spec: dict, kind: str, at: float, ref: dict, timeout: float) -> dict:
+    import yaml
+
+    work.mkdir(parents=True)
+    spec_path = work / "chaos.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    log = work / "cli.log"
+    store_dir = work / "runs" / "store"
+    start = time.time()
+    proc = cli(["launch", str(spec_path), "--no-report"], work, log)
+    killed, before = None, {}
+    while proc.poll() is None and time.time() - start < timeout:
+        if killed is None and time.time() - start >= at:
+            if kind == "launcher":
+                before = manifests(store_dir)
+                os.kill(proc.pid, signal.SIGKILL)
+                killed = "launcher"
+            else:
+                workers = [p for p, cmd in session_processes(proc.pid).items() if "RayTrainWorker" in cmd]
+                if workers:  # else: no stage computing right now; try again shortly
+                    before = manifests(store_dir)
+                    os.kill(workers[0], signal.SIGKILL)
+                    killed = "worker"
+        time.sleep(0.05)
+    code = proc.wait(timeout=max(timeout - (time.time() - start), 1))
+    resumed = None
+    if killed == "launcher":
+        resumed = cli(["resume", "chaos", "--no-report"], work, log).wait(timeout=timeout)
+    after = manifests(store_dir)
+    from trainables.stages.store import StageStore
+
+    store = StageStore(str(store_dir))
+    mismatched = sorted(k for k in ref if k not in after or stage_fingerprint(store.get(k)) != ref[k])
+    recomputed = sorted(k for k, t in before.items() if after.get(k) != t)
+    out = {"kind": kind, "at_s": round(at, 1), "killed": killed, "launch_exit": code, "resume_exit": resumed,
+           "identical": not mismatched and (resumed in (None, 0)) and code in (0, -9),
+           "mismatched": mismatched, "published_before_kill": len(before), "recomputed": recomputed,
+           "seconds": round(time.time() - start, 1)}
+    out.update(record_problems(f"sqlite:///{work / 'runs' / 'chaos' / 'mlflow.db'}", "chaos"))
+    if kind == "worker" and killed:
+        out["retry_line"] = "retried from its checkpoint" in log.read_text()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="2 attempts on 1 model x 1 seed")
+    p.add_argument("--attempts", type=int, help="kills (half worker, half launcher; default 10, smoke 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the kill schedule")
+    p.add_argument("--workdir", help="keep the attempts here (default: a temporary directory)")
+    args = p.parse_args()
+    attempts = args.attempts or (2 if args.smoke else 10)
+    spec = micro_spec(args.smoke)
+    rng = random.Random(args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(args.workdir or tmp)
+        import yaml
+
+        base.mkdir(parents=True, exist_ok=True)
+        (base / "chaos.yaml").write_text(yaml.safe_dump(spec))
+        t0 = time.time()
+        ref = reference(base / "chaos.yaml")
+        ref_seconds = time.time() - t0
+        # The length of an undisturbed launch (start-up to exit) sets the range of kill moments.
+        t0 = time.time()
+        clean = attempt(base / "undisturbed", spec, "none", float("inf"), ref, timeout=1800)
+        length = time.time() - t0
+        print(f"undisturbed launch: {length:.0f} s, identical to the reference: {clean['identical']}", flush=True)
+        results = []
+        for i in range(attempts):
+            kind = "worker" if i % 2 == 0 else "launcher"
+            at = rng.uniform(0.5, length) if kind == "launcher" else rng.uniform(0.3 * length, 0.9 * length)
+            res = attempt(base / f"attempt-{i:02d}", spec, kind, at, ref, timeout=max(1800, 4 * length))
+            print(json.dumps(res), flush=True)
+            results.append(res)
+    summary = {
+        "attempts": len(results),
+        "kills": collections.Counter(r["killed"] or "missed" for r in results),
+        "recovered_identical": sum(r["identical"] for r in results),
+        "stages_recomputed": sum(len(r["recomputed"]) for r in results),
+        "orphan_runs": sum(r["orphan_runs"] for r in results),
+        "duplicated_runs": sum(r["duplicated_runs"] for r in results),
+        "repeated_metric_values": sum(r["repeated_metric_values"] for r in results),
+        "retry_lines": sum(r.get("retry_line", False) for r in results),
+        "undisturbed_identical": clean["identical"],
+        "undisturbed_launch_s": round(length, 1),
+        "reference_s": round(ref_seconds, 1),
+        "stages": len(ref),
+        "seed": args.seed,
+        "machine": {"cpus": os.cpu_count(), "load_1min": os.getloadavg()[0]},
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
