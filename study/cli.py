@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
               f"kept. Continue with: study resume {name}", file=sys.stderr)
         return 128 + exc.signum
     except KeyboardInterrupt:
-        print("study: interrupted before the study started; nothing to resume", file=sys.stderr)
+        print("study: interrupted", file=sys.stderr)
         return 130
     except BAD_INPUT as exc:
         if debug:

@@ -93,7 +93,7 @@ def _pending(spec: StudySpec, runs) -> list[dict]:
     if spec.search is not None and spec.search.algorithm != "grid":
         started = len({r.data.tags.get("trial_id") for r in runs})
         return [{"trial": "", "model": "(search)", "seed": s, "status": "PENDING", "stage": ""}
-                for s in spec.seeds for _ in range(max(spec.search.num_samples - started, 0))][:spec.search.num_samples]
+                for _ in range(max(spec.search.num_samples - started, 0)) for s in spec.seeds]
     repeats = 1
     if spec.search is not None:
         repeats = spec.search.num_samples * math.prod(len(d.values) for d in spec.search.space.values())

@@ -36,3 +36,11 @@ def test_stage_tree_smoke_counts_exact_reuse(tmp_path):
 def test_overhead_smoke(tmp_path):
     out = run_smoke("overhead", tmp_path)
     assert out["ratio"] > 0 and out["same_results"] is True
+
+
+@pytest.mark.ray
+def test_chaos_smoke_recovers_identical_results(tmp_path):
+    out = run_smoke("chaos", tmp_path)
+    assert out["attempts"] == 2 and out["undisturbed_identical"] is True
+    assert out["recovered_identical"] == 2, out
+    assert (out["stages_recomputed"], out["orphan_runs"], out["duplicated_runs"], out["repeated_metric_values"]) == (0, 0, 0, 0)

@@ -92,8 +92,8 @@ def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 480,
     raise AssertionError(f"condition not met (exit {proc.poll()}):\n{log.read_text()[-3000:]}")
 
 
-def finetunes(store_dir: Path) -> list[str]:
-    return sorted(p.parent.name for p in store_dir.glob("finetune-*/MANIFEST.json"))
+def published(store_dir: Path, kind: str = "") -> list[str]:
+    return sorted(p.parent.name for p in store_dir.glob(f"{kind}*/MANIFEST.json"))
 
 
 def train_workers(sid: int) -> list[int]:
@@ -126,18 +126,18 @@ def micro(tmp_path_factory):
     proc.wait(timeout=60)
 
     proc = launch_bg(["resume", "micro", "--no-report"], work, log)  # 2. Ctrl-C
-    wait_for(lambda: finetunes(store_dir), proc, log)
+    wait_for(lambda: published(store_dir, "finetune-"), proc, log)
     os.killpg(proc.pid, signal.SIGINT)
     sigint_exit = proc.wait(timeout=300)
     sigint_out = log.read_text()
     status_after_sigint = cli("status", "micro", cwd=work).stdout
 
     proc = launch_bg(["resume", "micro", "--no-report"], work, log)  # 3. a Train worker, then the launcher
-    done_before = finetunes(store_dir)
+    published_before = published(store_dir)
     worker = wait_for(lambda: train_workers(proc.pid), proc, log)[0]
     os.kill(worker, signal.SIGKILL)
-    wait_for(lambda: len(finetunes(store_dir)) > len(done_before), proc, log)
-    killed_with = sorted(p.name for p in store_dir.iterdir() if (p / "MANIFEST.json").exists())
+    wait_for(lambda: len(published(store_dir)) > len(published_before), proc, log)
+    killed_with = published(store_dir)
     os.kill(proc.pid, signal.SIGKILL)  # the launcher only, as a crash or `kill -9` would
     killed_at_ms = int(time.time() * 1000)
     proc.wait(timeout=60)
@@ -149,6 +149,11 @@ def micro(tmp_path_factory):
             "resume_out": resumed.stdout, "log": log.read_text() + resumed.stdout, "sigint_exit": sigint_exit,
             "sigint_out": sigint_out, "status_after_sigint": status_after_sigint,
             "status_after_kill": status_after_kill, "store": StageStore(str(store_dir))}
+
+
+# The micro fixture launches and resumes the study four times: on a loaded machine its set-up alone can pass the
+# default per-test limit.
+pytestmark = pytest.mark.timeout(1800)
 
 
 @pytest.mark.ray
