@@ -86,11 +86,28 @@ def init_ray(address: str | None) -> None:
                  logging_level="ERROR", configure_logging=True, runtime_env={"env_vars": env})
 
 
-def _callbacks(spec: StudySpec, paths: StudyPaths, spec_text: str) -> list:
+def resolved_precision(spec: StudySpec) -> str:
+    """The study's training precision, resolved once for the device its Train workers get (it enters stage keys).
+
+    CPU workers: this machine's CPU (a cluster's CPU nodes are taken to be alike). GPU workers: asked of a GPU
+    through a one-off Ray task with the workers' GPU share, since the launcher itself may have none.
+    """
+    from trainables.stages.precision import resolve_precision
+
+    r = spec.resources
+    if r.precision != "auto" or not r.gpus_per_worker:
+        return resolve_precision(r.precision, "cpu")
+    import ray  # [ray] a one-off task on a GPU
+
+    probe = ray.remote(num_gpus=r.gpus_per_worker, num_cpus=0)(lambda: resolve_precision("auto", "cuda"))
+    return ray.get(probe.remote())
+
+
+def _callbacks(spec: StudySpec, paths: StudyPaths, spec_text: str, precision: str) -> list:
     params = {"name": spec.name, "models": ",".join(spec.models), "seeds": ",".join(map(str, spec.seeds)),
               "dataset": spec.data.dataset, "subset": spec.data.subset, "encoder": spec.model.encoder,
               "search": spec.search.algorithm if spec.search else "none", "objective": spec.objective.metric,
-              "store": paths.store_uri, "code_version": code_version()}
+              "store": paths.store_uri, "code_version": code_version(), "precision": precision}
     recorder = MlflowRecorder(paths.tracking_uri, spec.name, paths.artifact_location, paths.store_uri, params, spec_text)
     epochs = {kind: s.epochs for kind, s in spec.stages.items()}
     return [recorder, Progress(total_trials(spec), epochs)]
@@ -103,8 +120,9 @@ def build_tuner(spec: StudySpec, paths: StudyPaths, spec_text: str, restore: boo
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    precision = resolved_precision(spec)
     ctx = TrialContext(spec=spec, store_uri=paths.store_uri, train_storage=paths.train_storage,
-                       code_version=code_version())
+                       code_version=code_version(), precision=precision)
     # The driver only waits on its Train run: it reserves no core (a token 1 MiB of memory, since Tune refuses an
     # empty request), so idle drivers never hold the CPUs their own workers need.
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"cpu": 0, "memory": 2**20})
@@ -139,7 +157,7 @@ def build_tuner(spec: StudySpec, paths: StudyPaths, spec_text: str, restore: boo
                                     num_samples=num_samples,
                                     max_concurrent_trials=concurrency(spec, ray.cluster_resources())),
         run_config=tune.RunConfig(name=TUNE_NAME, storage_path=str(paths.ray_dir), verbose=0,
-                                  callbacks=_callbacks(spec, paths, spec_text),
+                                  callbacks=_callbacks(spec, paths, spec_text, precision),
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
 

@@ -25,8 +25,8 @@ class TrialPlan:
     loss: LossConfig
     params: dict  # flat, every resolved hyperparameter (what MLflow records as params)
 
-    def chain(self, data_identity: str, seed: int) -> list[PlannedStage]:
-        return plan(procedure(self.model, self.settings, self.loss), data_identity, seed)
+    def chain(self, data_identity: str, seed: int, precision: str) -> list[PlannedStage]:
+        return plan(procedure(self.model, self.settings, self.loss), data_identity, seed, precision)
 
 
 def data_config(spec: StudySpec) -> DataConfig:
@@ -38,7 +38,7 @@ def data_config(spec: StudySpec) -> DataConfig:
 def scaling(spec: StudySpec) -> Scaling:
     r = spec.resources
     return Scaling(num_workers=r.workers, cpus_per_worker=r.cpus_per_worker, gpus_per_worker=r.gpus_per_worker,
-                   amp=r.amp, channels_last=r.channels_last, max_failures=r.max_failures)
+                   channels_last=r.channels_last, max_failures=r.max_failures)
 
 
 def resolve(spec: StudySpec, config: dict, shape: tuple[int, int, int] | None = None) -> TrialPlan:

@@ -209,8 +209,8 @@ class MlflowRecorder(tune.Callback):
                         if k not in last_row]
         for i in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 metrics
             self.client.log_batch(run_id, metrics=metrics[i:i + 900])
-        config = {k: record[k] for k in ("key", "parent", "seed", "data_identity", "stage", "code_version", "workers")
-                  if k in record}
+        config = {k: record[k] for k in ("key", "parent", "seed", "data_identity", "stage", "code_version", "workers",
+                                         "precision") if k in record}
         self.client.log_dict(run_id, config, "config.json")
         invert = os.path.join(entry.path, INVERT_FILE)
         if os.path.exists(invert):

@@ -112,10 +112,20 @@ class ResourcesSpec(Strict):
     workers: Annotated[int, Field(ge=1)] = 1  # data-parallel Ray Train workers per stage (DDP when > 1)
     cpus_per_worker: PositiveFloat = 1.0  # cores per worker: also the worker's torch thread count
     gpus_per_worker: NonNegativeFloat = 0.0  # > 0 trains on CUDA
-    amp: bool = False  # bfloat16 autocast
-    channels_last: bool = False  # NHWC convolutions
+    # auto = bf16 autocast where the workers' device runs bfloat16 natively (CUDA compute capability >= 8.0, CPUs
+    # with AVX512_BF16 or AMX), fp32 elsewhere. The resolved precision enters every stage's key.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    channels_last: bool | Literal["auto"] = "auto"  # NHWC convolutions; auto = where measured faster (CUDA, x86)
     max_failures: Annotated[int, Field(ge=0)] = 2  # worker failures a stage recovers from
     max_concurrent: Annotated[int, Field(ge=1)] | None = None  # trials at once; None = as many as the resources fit
+
+    @model_validator(mode="before")
+    @classmethod
+    def _amp_replaced(cls, data):
+        if isinstance(data, dict) and "amp" in data:
+            raise ValueError("'amp' was replaced by 'precision: auto | fp32 | bf16' (amp: true -> precision: bf16; "
+                             "auto picks bf16 where the hardware runs it natively)")
+        return data
 
 
 class Distribution(Strict):

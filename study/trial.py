@@ -28,6 +28,7 @@ class TrialContext:
     store_uri: str
     train_storage: str
     code_version: str
+    precision: str  # resolved once for the study (launch.resolved_precision): fp32 | bf16
 
 
 def run_trial(config: dict, ctx: TrialContext) -> None:
@@ -42,11 +43,11 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     for seed in seeds:
         data = build_data(data_config(spec), seed)
         plan = resolve(spec, config, (data.in_channels, data.num_classes, data.image_size))
-        chain = plan.chain(data.identity, seed)
+        chain = plan.chain(data.identity, seed, ctx.precision)
         decoder, placement = split_variant(plan.model.variant)
         idle = {"finetune_epoch": 0, "objective": 100.0, "seed": seed}
         tune.report({"event": "trial_start", "model": plan.model.variant, "decoder": decoder, "placement": placement,
-                     "stage_keys": ",".join(p.key for p in chain), "params_json": json.dumps(plan.params), **idle})
+                     "stage_keys": ",".join(p.key for p in chain), "params_json": json.dumps({**plan.params, "precision": ctx.precision}), **idle})
         job = SegmentJob(segment=(), store_uri=ctx.store_uri, data=data_config(spec), seed=seed,
                          scaling=scaling(spec), code_version=ctx.code_version, objective_metric=metric)
         computed = ensure_chain(chain, store, job, ctx.train_storage, callbacks=[TuneReportCallback()])

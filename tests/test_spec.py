@@ -60,6 +60,8 @@ BAD = [
     (variant(model={"encoder": "vgg16"}), "model: 'baseline' cannot be built"),  # 28x28 is too small for 5 poolings
     (variant(data={"subset": 100, "val_size": 100}), "data.val_size: 100 held out of a subset of 100 leaves no training data"),
     (variant(seeds=[1, 1]), "seeds must be a non-empty list of distinct integers"),
+    (variant(resources={"amp": True}), "resources: 'amp' was replaced by 'precision: auto | fp32 | bf16'"),
+    (variant(resources={"precision": "fp16"}), "resources.precision: Input should be 'auto', 'fp32' or 'bf16'"),
 ]
 
 
@@ -122,7 +124,7 @@ def test_shipped_specs_are_valid_and_plan_every_trial(path):
         spec = load_spec(path, smoke=smoke)
         for model in spec.candidate_models():
             plan = resolve(spec, {"model": model, "seed": spec.seeds[0]})
-            chain = plan.chain("data", spec.seeds[0])
+            chain = plan.chain("data", spec.seeds[0], "fp32")
             assert chain[-1].stage.kind == "finetune" and chain[-1].stage.model.variant == model
     assert load_spec(path, smoke=True).name.endswith("-smoke")
 

@@ -6,7 +6,8 @@ runs the same code in this process (benchmarks, debugging).
 A store entry holds:
     model.pt      the model's state dict (CPU tensors)
     record.json   {"key", "parent", "seed", "data_identity", "stage": Stage.describe(), "final": {...},
-                   "history": [{"epoch": e, ...metrics}], "code_version": ..., "workers": data-parallel workers}
+                   "history": [{"epoch": e, ...metrics}], "code_version": ..., "workers": data-parallel workers,
+                   "precision": fp32 | bf16}
     invert.npz    decoder stages: validation inputs and their reconstructions from every encoder depth
 """
 
@@ -16,7 +17,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from ..models import create_model
 from .evaluate import final_metrics, topk_errors
 from .keys import stage_key
 from .loop import Runtime, derive_seed, make_optimizer, prepare, run_epochs, unwrap
+from .precision import RESOLVED
 from .procedure import Stage
 from .store import CorruptEntry, StageStore
 
@@ -38,14 +40,18 @@ class PlannedStage:
     stage: Stage
     key: str
     parent: str | None
+    precision: str = "fp32"  # resolved (precision.resolve_precision): the stage trains in it; part of its key
 
 
-def plan(stages: list[Stage], data_identity: str, seed: int) -> list[PlannedStage]:
-    """Keys for a chain of stages, root first: each key hashes the stage, its parent's key, the data and the seed."""
+def plan(stages: list[Stage], data_identity: str, seed: int, precision: str = "fp32") -> list[PlannedStage]:
+    """Keys for a chain of stages, root first: each key hashes the stage and its precision, its parent's key, the
+    data and the seed."""
+    if precision not in RESOLVED:
+        raise ValueError(f"plan: precision {precision!r} is not resolved (expected one of {', '.join(RESOLVED)})")
     planned, parent = [], None
     for stage in stages:
-        key = stage_key(stage.kind, stage.describe(), parent, data_identity, seed)
-        planned.append(PlannedStage(stage, key, parent))
+        key = stage_key(stage.kind, {**stage.describe(), "precision": precision}, parent, data_identity, seed)
+        planned.append(PlannedStage(stage, key, parent, precision))
         parent = key
     return planned
 
@@ -83,7 +89,8 @@ def write_entry(directory: str, planned: PlannedStage, model, final: dict, histo
                 seed: int, data_identity: str, code_version: str, workers: int = 1) -> None:
     torch.save(model_state(model), os.path.join(directory, MODEL_FILE))
     record = {"key": planned.key, "parent": planned.parent, "seed": seed, "data_identity": data_identity,
-              "stage": planned.stage.describe(), "final": final, "history": history, "code_version": code_version, "workers": workers}
+              "stage": planned.stage.describe(), "final": final, "history": history, "code_version": code_version, "workers": workers,
+              "precision": planned.precision}
     with open(os.path.join(directory, RECORD_FILE), "w") as f:
         json.dump(record, f, indent=1)
     if arrays:
@@ -109,6 +116,7 @@ def run_stage(
     `wrap` lets the caller put the prepared model under DDP. Non-publishing workers (rank > 0) train and return {}.
     """
     stage = planned.stage
+    runtime = replace(runtime, precision=planned.precision)  # the precision its key was computed with
     model = build_model(planned, store, seed)
     if resume is not None:
         model.load_state_dict(resume["model"])

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +18,7 @@ from torch import nn
 from ..data import DataBundle, loader
 from ..losses import cross_entropy, reconstruction_terms, total_loss
 from ..models import optimizer_groups, set_trainable
+from .precision import autocast as precision_autocast
 from .procedure import Stage
 
 
@@ -29,11 +29,12 @@ def derive_seed(*parts) -> int:
 
 @dataclass(frozen=True)
 class Runtime:
-    """How to run, not what: none of this enters a stage's key."""
+    """How to run, not what: none of this enters a stage's key, except the precision, which `run_stage` takes from
+    the planned stage (whose key holds it)."""
 
     device: str = "cpu"  # cpu | cuda | cuda:N (from Ray Train's get_device() under Ray)
-    amp: bool = False  # bfloat16 autocast for the forward pass
-    channels_last: bool = False  # NHWC memory format for convolutions (faster on recent GPUs)
+    precision: str = "fp32"  # resolved: fp32 | bf16 (autocast of the forward pass); run_stage sets the stage's own
+    channels_last: bool = False  # NHWC memory format for convolutions (precision.resolve_channels_last)
     rank: int = 0  # this worker's rank among `world` data-parallel workers
     world: int = 1
     eval_batch_size: int = 512
@@ -76,7 +77,7 @@ def train_epoch(model, stage: Stage, data: DataBundle, optimizer, runtime: Runti
     batches = loader(train, max(1, stage.settings.batch_size // runtime.world), shuffle=True,
                      seed=derive_seed(seed, stage.kind, "order", epoch, runtime.rank))
     device = torch.device(runtime.device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if runtime.amp else nullcontext()
+    autocast = precision_autocast(runtime.precision, device)
     model.train()
     sums: dict[str, torch.Tensor] = {}
     n = 0

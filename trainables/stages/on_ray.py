@@ -27,6 +27,7 @@ import torch
 from ..data import DataConfig, build_data
 from .chain import PlannedStage, missing_from, run_stage
 from .loop import Runtime
+from .precision import resolve_channels_last
 from .store import StageStore
 
 STATE_FILE = "state.pt"
@@ -39,8 +40,7 @@ class Scaling:
     num_workers: int = 1  # data-parallel workers (DDP when > 1)
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0  # > 0 trains on CUDA
-    amp: bool = False  # bfloat16 autocast
-    channels_last: bool = False
+    channels_last: bool | str = "auto"  # NHWC convolutions: True | False | "auto" (resolved on the worker's device)
     max_failures: int = 2  # worker failures a run recovers from (from its last checkpoint)
 
 
@@ -69,7 +69,8 @@ def _worker(job: SegmentJob) -> None:
     # once torch has started its thread pool).
     torch.set_num_threads(max(1, math.floor(job.scaling.cpus_per_worker)))
     device = ray.train.torch.get_device() if job.scaling.gpus_per_worker > 0 else torch.device("cpu")
-    runtime = Runtime(device=str(device), amp=job.scaling.amp, channels_last=job.scaling.channels_last,
+    # The precision is the planned stage's own (it is part of its key); the layout is resolved here, on the device.
+    runtime = Runtime(device=str(device), channels_last=resolve_channels_last(job.scaling.channels_last, device),
                       rank=rank, world=world)
     store = StageStore(job.store_uri)
     data = build_data(job.data, job.seed)
