@@ -354,6 +354,80 @@ def probe(args, data_cfg: DataConfig, workdir: str, tag: str, poll: float | None
     }
 
 
+def startup_train_fn(config: dict) -> None:
+    """The first and last line of a Train function, and when its worker process was started."""
+    enter = time.time()
+    import psutil
+
+    with open(config["out"], "w") as f:
+        json.dump({"enter": enter, "process_created": psutil.Process().create_time(), "end": time.time()}, f)
+
+
+# Ray's own defaults of the settings in TRAIN_ENV: a run with these measures what the platform's settings buy.
+RAY_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(DEFAULT_POLL), "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "1",
+                "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1", "RAY_TRAIN_METRICS_ENABLED": "1"}
+
+
+def startup_probe(workdir: str, tag: str, env: dict[str, str], cpus: float) -> dict:
+    """One Train run built like the platform's (make_trainer) whose train function does nothing: Ray Train's fixed
+    cost. `env` overrides Ray Train settings for this run only (propagated by Ray Train to controller and workers).
+
+    start_s: fit() called -> the train function's first line; teardown_s: its last line -> fit() returned;
+    worker_process_s: fit() called -> the worker's process created (0 or less: an already running process);
+    phases: the controller's own log of the worker group's start (Ray Train's structured logs)."""
+    from trainables.stages.on_ray import Scaling, make_trainer
+
+    out = os.path.join(workdir, f"startup-{tag}.json")
+    name = f"startup-{tag}-{os.getpid()}"
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        trainer = make_trainer(startup_train_fn, {"out": out}, Scaling(num_workers=1, cpus_per_worker=cpus), name,
+                               os.path.join(workdir, "train-startup"))
+        t_call = time.time()
+        trainer.fit()
+        t_return = time.time()
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    with open(out) as f:
+        res = json.load(f)
+    timeline = ray_run_timeline(name, t_call, t_return) or {}
+    return {"start_s": round(res["enter"] - t_call, 2), "teardown_s": round(t_return - res["end"], 2),
+            "worker_process_s": round(res["process_created"] - t_call, 2),
+            "controller_first_log_s": timeline.get("controller_first_log"), "phases": timeline.get("phases", {})}
+
+
+def startup_ab(workdir: str, rounds: int, cpus: float) -> dict:
+    """Ray Train's fixed cost with the platform's settings (TRAIN_ENV) and with Ray's defaults, runs interleaved
+    (A B B A ...) so that other load on the machine hits both alike; medians per variant."""
+    from trainables.stages.on_ray import TRAIN_ENV
+
+    variants = {"platform": dict(TRAIN_ENV), "ray_defaults": dict(RAY_DEFAULTS)}
+    runs: dict[str, list] = {v: [] for v in variants}
+    for r in range(rounds):
+        for v in (("platform", "ray_defaults") if r % 2 == 0 else ("ray_defaults", "platform")):
+            res = startup_probe(workdir, f"{v}-{r}", variants[v], cpus)
+            runs[v].append(res)
+            print(f"  start-up probe {v:13s} start {res['start_s']:6.2f} s  teardown {res['teardown_s']:5.2f} s  "
+                  f"worker process {res['worker_process_s']:+6.2f} s  phases {res['phases']}", flush=True)
+    summary = {}
+    for v, rs in runs.items():
+        phases = sorted({k for x in rs for k in x["phases"]})
+        summary[v] = {
+            "start_s": statistics.median(x["start_s"] for x in rs),
+            "teardown_s": statistics.median(x["teardown_s"] for x in rs),
+            "worker_process_s": statistics.median(x["worker_process_s"] for x in rs),
+            "phases_s": {k: round(statistics.median(x["phases"][k] for x in rs if k in x["phases"]), 2)
+                         for k in phases},
+            "runs": rs,
+        }
+    return summary
+
+
 _PHASE = re.compile(r"\[Worker Group Initialization\] (.+?) in ([\d.]+)s")
 
 
@@ -433,6 +507,32 @@ def store_costs(chain, outputs: dict, data, workdir: str) -> dict:
     return {"publish_seconds_total": round(sum(publish), 3), "open_parent_seconds_total": round(sum(open_parent[:-1]), 3)}
 
 
+def quick(args) -> None:
+    """--quick: Ray Train's fixed cost per run only, Ray started as the study launcher starts it."""
+    from study.launch import init_ray
+
+    workdir = args.workdir or tempfile.mkdtemp(prefix="bench-overhead-")
+    t0 = time.perf_counter()
+    init_ray(None)
+    ray_init = time.perf_counter() - t0
+    print(f"ray.init (as the launcher): {ray_init:.1f} s; {args.startup_rounds} A/B rounds, load {machine_load()}",
+          flush=True)
+    try:
+        ab = startup_ab(workdir, args.startup_rounds, cpus=1)
+    finally:
+        import ray
+
+        ray.shutdown()
+    if args.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+    p, d = ab["platform"], ab["ray_defaults"]
+    print(f"\nTrain start-up {p['start_s']:.2f} s (Ray's defaults {d['start_s']:.2f} s), tear-down {p['teardown_s']:.2f} s "
+          f"(Ray's defaults {d['teardown_s']:.2f} s); goals <= 4 s and <= 1 s; load {machine_load()}")
+    print(json.dumps({"bench": "overhead", "mode": "quick", "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                      "train_start_s": p["start_s"], "train_teardown_s": p["teardown_s"],
+                      "ray_init_seconds": round(ray_init, 2), "startup": ab, "load": machine_load()}))
+
+
 # -- main -----------------------------------------------------------------------------------------------------------
 
 def main() -> None:
@@ -449,7 +549,12 @@ def main() -> None:
     parser.add_argument("--probe-checkpoints", type=int, default=4)
     parser.add_argument("--probe-reports", type=int, default=3)
     parser.add_argument("--workdir", default=None, help="stores and Train runs (default: a temp dir, removed)")
+    parser.add_argument("--quick", action="store_true",
+                        help="only Ray Train's start-up and tear-down (platform settings vs Ray's defaults): minutes")
+    parser.add_argument("--startup-rounds", type=int, default=3, help="A/B rounds of the start-up probe")
     args = parser.parse_args()
+    if args.quick:
+        return quick(args)
     if args.smoke:
         args.subset, args.val_size, args.budgets = 400, 100, "1,1,1,1"
         args.what_if_poll, args.probe_checkpoints, args.probe_reports, args.repeats = 0, 1, 1, 1

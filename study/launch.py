@@ -66,13 +66,10 @@ def concurrency(spec: StudySpec, resources: dict) -> int:
     return max(1, fit)
 
 
-# Ray Train V2's controller polls its workers every 2 s by default, and each per-epoch report waits for a poll:
-# seconds per epoch on small stages (bench/overhead.py measures it). 0.25 s costs nothing measurable.
-TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0"}
-
-
 def init_ray(address: str | None) -> None:
     import ray  # [ray] cluster connection
+
+    from trainables.stages.on_ray import TRAIN_ENV
 
     env = {k: os.environ.get(k, v) for k, v in TRAIN_ENV.items()}
     os.environ.update(env)

@@ -44,3 +44,10 @@ def test_chaos_smoke_recovers_identical_results(tmp_path):
     assert out["attempts"] == 2 and out["undisturbed_identical"] is True
     assert out["recovered_identical"] == 2, out
     assert (out["stages_recomputed"], out["orphan_runs"], out["duplicated_runs"], out["repeated_metric_values"]) == (0, 0, 0, 0)
+
+
+def test_throughput_smoke_reports_bf16_speedup_and_peak_fraction_per_model(tmp_path):
+    out = run_smoke("throughput", tmp_path)
+    assert len(out["models"]) == 7
+    assert all(m["bf16_speedup"] > 0 and 0 < m["peak_fraction"] for m in out["models"].values())
+    assert set(out["accuracy"]["val_top1_err"]) == {"fp32", "bf16"}

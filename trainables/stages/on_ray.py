@@ -123,29 +123,46 @@ def run_name(segment: list[PlannedStage]) -> str:
     return f"{segment[0].stage.kind}-to-{segment[-1].stage.kind}-{digest}"
 
 
-def launch_segment(job: SegmentJob, storage_path: str, callbacks: list | None = None) -> None:
-    """One TorchTrainer run over a segment of stages; raises if it fails beyond `max_failures`."""
+# Ray Train V2 settings of every Train run: environment variables that Ray Train documents and propagates from the
+# driver to its controller and workers. `study.launch.init_ray` sets them (a value already in the environment wins);
+# bench/overhead.py measures what they buy (docs/BENCHMARKS.md).
+TRAIN_ENV = {
+    # The controller polls its workers every 2 s by default and a report waits for a poll: seconds per epoch on
+    # small stages, and up to 2 s between the train function's end and fit() returning.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+    "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0",  # no periodic reconciliation of the run-state actor
+    # Spot-preemption observability: one actor process more per run. Set it to 1 on clusters of spot nodes.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",  # no Prometheus metrics callbacks on the controller and workers
+}
+
+
+def make_trainer(train_fn, config, scaling: Scaling, name: str, storage_path: str, callbacks: list | None = None):
+    """The TorchTrainer of every platform Train run (benchmarks build theirs here too, to measure the same thing)."""
     import ray.train  # [ray] the trainer launch
     from ray.train.torch import TorchTrainer
 
-    s = job.scaling
-    resources = {"CPU": s.cpus_per_worker}
-    if s.gpus_per_worker:
-        resources["GPU"] = s.gpus_per_worker
-    trainer = TorchTrainer(
-        _worker,
-        train_loop_config=job,
-        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.gpus_per_worker > 0,
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.gpus_per_worker:
+        resources["GPU"] = scaling.gpus_per_worker
+    return TorchTrainer(
+        train_fn,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.gpus_per_worker > 0,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=run_name(list(job.segment)),
+            name=name,
             storage_path=storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
         ),
     )
-    trainer.fit()
+
+
+def launch_segment(job: SegmentJob, storage_path: str, callbacks: list | None = None) -> None:
+    """One TorchTrainer run over a segment of stages; raises if it fails beyond `max_failures`."""
+    make_trainer(_worker, job, job.scaling, run_name(list(job.segment)), storage_path, callbacks).fit()
 
 
 def ensure_chain(
