@@ -64,7 +64,7 @@ import torch  # noqa: E402
 from trainables.data import DataConfig, build_data, fashion_mnist  # noqa: E402
 from trainables.models import create_model, model_config  # noqa: E402
 from trainables.stages.chain import (DECODER_KINDS, MODEL_FILE, build_model, model_state, plan, read_record,  # noqa: E402
-                                     write_entry)
+                                     run_chain_locally, write_entry)
 from trainables.stages.evaluate import final_metrics, topk_errors  # noqa: E402
 from trainables.stages.loop import Runtime, derive_seed, make_optimizer, prepare, train_epoch  # noqa: E402
 from trainables.stages.procedure import LossConfig, OptimizerConfig, StageSettings, procedure  # noqa: E402
@@ -74,6 +74,7 @@ KINDS = ("classifier", "layerwise", "topdown", "finetune")
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 DEFAULT_POLL = 2.0  # Ray Train V2's default controller poll interval (ray/train/v2/_internal/constants.py)
 SEED = 0
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # -- the workload ---------------------------------------------------------------------------------------------------
@@ -211,6 +212,11 @@ class poll_interval:
                 os.environ[POLL_ENV] = self.old
 
 
+def current_poll() -> float:
+    """Ray Train's controller poll interval for runs started now (the platform sets it; else Ray's default)."""
+    return float(os.environ.get(POLL_ENV, DEFAULT_POLL))
+
+
 def machine_load() -> dict:
     """Other load on the machine: 1-min load average and the share of time some task waited for a CPU (PSI)."""
     out = {"loadavg1": round(os.getloadavg()[0], 2)}
@@ -316,7 +322,7 @@ def probe(args, data_cfg: DataConfig, workdir: str, tag: str, poll: float | None
     out = os.path.join(workdir, f"probe-{tag}.json")
     name = f"probe-{tag}-{os.getpid()}"
     config = {"encoder": args.encoder, "checkpoints": args.probe_checkpoints, "back_to_back": args.probe_reports,
-              "spacing": (poll or DEFAULT_POLL) + 0.5, "out": out, "data": data_cfg, "batch_size": args.batch_size}
+              "spacing": (poll or current_poll()) + 0.5, "out": out, "data": data_cfg, "batch_size": args.batch_size}
     trainer = TorchTrainer(
         probe_train_fn,
         train_loop_config=config,
@@ -333,7 +339,7 @@ def probe(args, data_cfg: DataConfig, workdir: str, tag: str, poll: float | None
         res = json.load(f)
     med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
     return {
-        "poll_interval": poll or DEFAULT_POLL,
+        "poll_interval": poll or current_poll(),
         "startup_seconds": round(res["enter"] - t_call, 2),  # fit() call -> train function running
         # the worker's cold start, which a warm plain process does not pay:
         "worker_imports_seconds": round(res["imported"] - res["enter"], 2),
@@ -368,6 +374,57 @@ RAY_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(DEFAULT_POLL), "RAY_TRA
                 "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1", "RAY_TRAIN_METRICS_ENABLED": "1"}
 
 
+class ProcessCpu:
+    """CPU seconds of the Ray processes this run starts (children of this session's raylet, created during it):
+    sampled every 0.2 s, since actors exit when the run ends. Unlike wall time, this hardly changes with other load
+    on the machine, so it tells what a setting saves even on a busy machine."""
+
+    def __init__(self):
+        import threading
+
+        import psutil
+        import ray
+
+        self.raylet = psutil.Process(ray._private.worker._global_node.all_processes["raylet"][0].process.pid)
+        self.start = time.time()
+        self.cpu: dict[int, tuple[str, float]] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _sample(self):
+        import psutil
+
+        for child in self.raylet.children(recursive=True):
+            try:
+                with child.oneshot():
+                    if child.create_time() < self.start - 0.5:
+                        continue
+                    t = child.cpu_times()
+                    name = (child.cmdline() or ["?"])[0].removeprefix("ray::").split(".")[0].split(" ")[0]
+                    self.cpu[child.pid] = (name, t.user + t.system)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+
+    def _loop(self):
+        while not self.stop.wait(0.2):
+            self._sample()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self._sample()
+
+    def by_process(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, seconds in self.cpu.values():
+            out[name] = round(out.get(name, 0.0) + seconds, 2)
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 def startup_probe(workdir: str, tag: str, env: dict[str, str], cpus: float) -> dict:
     """One Train run built like the platform's (make_trainer) whose train function does nothing: Ray Train's fixed
     cost. `env` overrides Ray Train settings for this run only (propagated by Ray Train to controller and workers).
@@ -384,9 +441,10 @@ def startup_probe(workdir: str, tag: str, env: dict[str, str], cpus: float) -> d
     try:
         trainer = make_trainer(startup_train_fn, {"out": out}, Scaling(num_workers=1, cpus_per_worker=cpus), name,
                                os.path.join(workdir, "train-startup"))
-        t_call = time.time()
-        trainer.fit()
-        t_return = time.time()
+        with ProcessCpu() as cpu:
+            t_call = time.time()
+            trainer.fit()
+            t_return = time.time()
     finally:
         for k, v in old.items():
             if v is None:
@@ -398,7 +456,8 @@ def startup_probe(workdir: str, tag: str, env: dict[str, str], cpus: float) -> d
     timeline = ray_run_timeline(name, t_call, t_return) or {}
     return {"start_s": round(res["enter"] - t_call, 2), "teardown_s": round(t_return - res["end"], 2),
             "worker_process_s": round(res["process_created"] - t_call, 2),
-            "controller_first_log_s": timeline.get("controller_first_log"), "phases": timeline.get("phases", {})}
+            "controller_first_log_s": timeline.get("controller_first_log"), "phases": timeline.get("phases", {}),
+            "process_cpu_s": cpu.by_process(), "processes_started": len(cpu.cpu)}
 
 
 def startup_ab(workdir: str, rounds: int, cpus: float) -> dict:
@@ -413,7 +472,8 @@ def startup_ab(workdir: str, rounds: int, cpus: float) -> dict:
             res = startup_probe(workdir, f"{v}-{r}", variants[v], cpus)
             runs[v].append(res)
             print(f"  start-up probe {v:13s} start {res['start_s']:6.2f} s  teardown {res['teardown_s']:5.2f} s  "
-                  f"worker process {res['worker_process_s']:+6.2f} s  phases {res['phases']}", flush=True)
+                  f"worker process {res['worker_process_s']:+6.2f} s  phases {res['phases']}  "
+                  f"CPU s of the {res['processes_started']} processes it started {res['process_cpu_s']}", flush=True)
     summary = {}
     for v, rs in runs.items():
         phases = sorted({k for x in rs for k in x["phases"]})
@@ -423,6 +483,9 @@ def startup_ab(workdir: str, rounds: int, cpus: float) -> dict:
             "worker_process_s": statistics.median(x["worker_process_s"] for x in rs),
             "phases_s": {k: round(statistics.median(x["phases"][k] for x in rs if k in x["phases"]), 2)
                          for k in phases},
+            "process_cpu_s": {k: round(statistics.median(x["process_cpu_s"].get(k, 0.0) for x in rs), 2)
+                              for k in sorted({k for x in rs for k in x["process_cpu_s"]})},
+            "processes_started": statistics.median(x["processes_started"] for x in rs),
             "runs": rs,
         }
     return summary
@@ -507,6 +570,52 @@ def store_costs(chain, outputs: dict, data, workdir: str) -> dict:
     return {"publish_seconds_total": round(sum(publish), 3), "open_parent_seconds_total": round(sum(open_parent[:-1]), 3)}
 
 
+def study_overhead(spec_path: str, workdir: str, smoke: bool) -> dict:
+    """A whole study through the platform (`study launch`: Tune trials, Train runs, stage store, MLflow records) and
+    the same stages through a plain sequential loop in this process over the same objects: the same trial plans,
+    stage keys and exact reuse (one local store), with as many torch threads as the platform runs trials x cores.
+    Ray is already started (its start is not counted); the report is not written in either."""
+    import mlflow  # noqa: F401  (imported before timing, as the launcher has it)
+
+    from study.launch import concurrency, launch, resolved_precision
+    from study.plan import data_config, resolve
+    from study.spec import load_spec
+    from trainables.stages.precision import resolve_channels_last
+
+    import ray
+
+    spec = load_spec(spec_path, smoke=smoke)
+    threads = concurrency(spec, ray.cluster_resources()) * max(1, int(spec.resources.cpus_per_worker))
+    t0 = time.perf_counter()
+    launch(spec_path, results_dir=os.path.join(workdir, "study-platform"), smoke=smoke)
+    platform_s = time.perf_counter() - t0
+
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        precision = resolved_precision(spec)
+        runtime = Runtime(channels_last=resolve_channels_last(spec.resources.channels_last, "cpu"))
+        store = StageStore(os.path.join(workdir, "study-plain-store"))
+        finals = {}
+        t0 = time.perf_counter()
+        with niceness(RAY_WORKER_NICENESS):
+            for seed in spec.seeds:
+                fashion_mnist._load.cache_clear()
+                data = build_data(data_config(spec), seed)
+                for model in spec.models:
+                    trial = resolve(spec, {"model": model, "seed": seed},
+                                    (data.in_channels, data.num_classes, data.image_size))
+                    chain = trial.chain(data.identity, seed, precision)
+                    run_chain_locally(chain, store, data, runtime, seed)
+                    finals[(model, seed)] = read_record(store, chain[-1].key)["final"]
+        plain_s = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(old_threads)
+    return {"spec": spec.name, "trials": len(spec.models) * len(spec.seeds), "platform_seconds": round(platform_s, 1),
+            "plain_seconds": round(plain_s, 1), "study_ratio": round(platform_s / plain_s, 3),
+            "plain_threads": threads, "precision": precision, "channels_last": runtime.channels_last}
+
+
 def quick(args) -> None:
     """--quick: Ray Train's fixed cost per run only, Ray started as the study launcher starts it."""
     from study.launch import init_ray
@@ -544,7 +653,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--encoder", default="vgg_small")
     parser.add_argument("--repeats", type=int, default=2, help="pairs (b, a), ordered b a a b b a ... (medians)")
-    parser.add_argument("--what-if-poll", type=float, default=0.25,
+    parser.add_argument("--what-if-poll", type=float, default=0,
                         help="also run (a) with RAY_TRAIN_HEALTH_CHECK_INTERVAL_S set to this (0 = skip)")
     parser.add_argument("--probe-checkpoints", type=int, default=4)
     parser.add_argument("--probe-reports", type=int, default=3)
@@ -552,12 +661,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="only Ray Train's start-up and tear-down (platform settings vs Ray's defaults): minutes")
     parser.add_argument("--startup-rounds", type=int, default=3, help="A/B rounds of the start-up probe")
+    parser.add_argument("--study", default=os.path.join(REPO, "studies", "quickstart.yaml"),
+                        help="the study run through the platform and through a plain loop ('' = skip)")
     args = parser.parse_args()
     if args.quick:
         return quick(args)
     if args.smoke:
         args.subset, args.val_size, args.budgets = 400, 100, "1,1,1,1"
         args.what_if_poll, args.probe_checkpoints, args.probe_reports, args.repeats = 0, 1, 1, 1
+        args.startup_rounds = 1
     args.budgets = tuple(int(b) for b in args.budgets.split(","))
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench-overhead-")
@@ -573,8 +685,10 @@ def main() -> None:
 
     import ray
 
+    from study.launch import init_ray
+
     t0 = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    init_ray(None)  # as the study launcher starts Ray, with the platform's Ray Train settings (TRAIN_ENV)
     ray_init = time.perf_counter() - t0
     print(f"ray.init: {ray_init:.1f} s", flush=True)
     try:
@@ -616,6 +730,17 @@ def main() -> None:
             what_if = {"poll_interval": args.what_if_poll, "platform_seconds": round(res["seconds"], 1),
                        "ratio": round(res["seconds"] / plain_s, 3), "probe": probe_fast, "timeline": res["timeline"], "load": res["load"]}
             print(f"  (a') platform {res['seconds']:7.1f} s  -> ratio {what_if['ratio']:.3f}", flush=True)
+
+        print(f"Ray Train start-up and tear-down, the platform's settings vs Ray's defaults ({args.startup_rounds} "
+              "rounds) ...", flush=True)
+        startup = startup_ab(workdir, args.startup_rounds, cpus=1)
+        study = None
+        if args.study:
+            print(f"whole study: {args.study}{' (smoke)' if args.smoke else ''} through the platform, then a plain "
+                  "sequential loop ...", flush=True)
+            study = study_overhead(args.study, workdir, args.smoke)
+            print(f"  platform {study['platform_seconds']} s, plain {study['plain_seconds']} s -> study_ratio "
+                  f"{study['study_ratio']}", flush=True)
     finally:
         ray.shutdown()
 
@@ -700,6 +825,11 @@ def main() -> None:
         "repeats": {"order": order, "plain": [round(p["seconds"], 1) for p in plains],
                     "platform": [round(p["seconds"], 1) for p in platforms]},
         "same_results": all(agree),
+        "study_ratio": study["study_ratio"] if study else None,
+        "study": study,
+        "train_start_s": startup["platform"]["start_s"],
+        "train_teardown_s": startup["platform"]["teardown_s"],
+        "startup": startup,
         "breakdown": breakdown,
         "what_if": what_if,
     }

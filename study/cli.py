@@ -63,11 +63,13 @@ def _check(spec, paths: StudyPaths, args, document: dict | None = None) -> None:
 
 
 def _summary(spec, paths: StudyPaths, results, report: bool) -> int:
-    from .status import results_table
+    from .status import results_table, verdict_lines
 
     print()
     print(f"Results of {spec.name} (mean [95% CI] over seeds; difference to {spec.baseline} in brackets):")
     print(results_table(paths.tracking_uri, spec.name, spec.baseline))
+    print("\nVerdicts (paired by seed, Holm-corrected):")
+    print(verdict_lines(paths.tracking_uri, spec.name, spec.baseline))
     failed = len(results.errors)
     if failed:
         print(f"\n{failed} trial(s) failed; `study status {spec.name}` shows which, MLflow has their errors.")

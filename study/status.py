@@ -12,7 +12,7 @@ import math
 import mlflow
 import pandas as pd
 
-from analysis import AnalysisError, load_study, paper_table
+from analysis import AnalysisError, load_study, paper_table, verdicts
 from analysis.report import format_table, to_markdown
 
 from .spec import StudySpec
@@ -111,6 +111,15 @@ def _varying_params(runs) -> list[str]:
         for k, v in r.data.params.items():
             values.setdefault(k, set()).add(v)
     return sorted(k for k, v in values.items() if len(v) > 1 and k not in ("model", "seed"))
+
+
+def verdict_lines(tracking_uri: str, study: str, baseline: str) -> str:
+    """The analysis' paired-by-seed verdicts (with their confidence intervals), one sentence per comparison."""
+    runs = load_study(tracking_uri, study, curves=False)
+    table = verdicts(runs.trials, baseline=baseline) if not runs.trials.empty else None
+    if table is None or table.empty:
+        return "(no comparisons)"
+    return "\n".join(f"- {r.verdict}: {r.sentence}" for r in table.itertuples())
 
 
 def results_table(tracking_uri: str, study: str, baseline: str) -> str:

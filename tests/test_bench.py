@@ -36,6 +36,7 @@ def test_stage_tree_smoke_counts_exact_reuse(tmp_path):
 def test_overhead_smoke(tmp_path):
     out = run_smoke("overhead", tmp_path)
     assert out["ratio"] > 0 and out["same_results"] is True
+    assert out["study_ratio"] > 0 and out["train_start_s"] > 0 and out["train_teardown_s"] >= 0
 
 
 @pytest.mark.ray
