@@ -119,7 +119,7 @@ def verdict_lines(tracking_uri: str, study: str, baseline: str) -> str:
     table = verdicts(runs.trials, baseline=baseline) if not runs.trials.empty else None
     if table is None or table.empty:
         return "(no comparisons)"
-    return "\n".join(f"- {r.verdict}: {r.sentence}" for r in table.itertuples())
+    return "\n".join(f"- {r.sentence}" for r in table.itertuples())
 
 
 def results_table(tracking_uri: str, study: str, baseline: str) -> str:
