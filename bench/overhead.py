@@ -667,7 +667,7 @@ def main() -> None:
     if args.quick:
         return quick(args)
     if args.smoke:
-        args.subset, args.val_size, args.budgets = 400, 100, "1,1,1,1"
+        args.subset, args.val_size, args.budgets, args.encoder = 400, 100, "1,1,1,1", "vgg_tiny"
         args.what_if_poll, args.probe_checkpoints, args.probe_reports, args.repeats = 0, 1, 1, 1
         args.startup_rounds = 1
     args.budgets = tuple(int(b) for b in args.budgets.split(","))
