@@ -33,11 +33,18 @@ Breakdown (measured, not fitted; see docs/BENCHMARKS.md):
   poll interval RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=S (the env var is propagated by Ray Train to its controller;
   nothing else changes), to show how much of the overhead is report pacing.
 
-    python bench/overhead.py                # ~3 min plain, then the platform, probes, what-if (~15 min here)
-    python bench/overhead.py --smoke        # tiny subset, 1 epoch per stage (~1 min: Ray start-up dominates)
+Also (every mode): Ray Train's fixed cost per run, the platform's settings (on_ray.TRAIN_ENV) against Ray's
+defaults, interleaved: start-up, tear-down, the controller's phases and the CPU seconds of every process a run
+starts (`startup_ab`); and (full and smoke) the whole quickstart through the platform against the same stages in a
+plain sequential loop (`study_overhead`: `study_ratio`).
+
+    python bench/overhead.py --quick        # start-up and tear-down only (a few minutes on an idle machine)
+    python bench/overhead.py                # one model's 4 stages, probes, start-up A/B, the whole quickstart
+    python bench/overhead.py --smoke        # tiny: vgg_tiny, 1 epoch per stage, the quickstart's smoke reduction
     python bench/overhead.py --repeats 2    # b a a b: medians
 
-Last line: one JSON object (ratio, platform_seconds, plain_seconds, ray_init_seconds, breakdown, ...).
+Last line: one JSON object (ratio, study_ratio, train_start_s, train_teardown_s, platform_seconds, plain_seconds,
+ray_init_seconds, startup, study, breakdown, ...); --quick: train_start_s, train_teardown_s and startup only.
 """
 
 from __future__ import annotations
