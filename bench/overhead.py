@@ -29,9 +29,9 @@ Breakdown (measured, not fitted; see docs/BENCHMARKS.md):
 - the stage store's costs, timed in this process: publishing an entry (write_entry + put: sha256 of every file)
   and opening a parent (get: sha256 verification + torch.load);
 - the plain run's own split: data, training epochs, per-epoch validation, final metrics.
-- `what_if_*` (full run only, `--what-if-poll S`, default 0.25): the same platform run with Ray Train's controller
-  poll interval RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=S (the env var is propagated by Ray Train to its controller;
-  nothing else changes), to show how much of the overhead is report pacing.
+- `what_if_*` (`--what-if-poll S`; off by default, the platform sets 0.25 itself): the same platform run with Ray
+  Train's controller poll interval RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=S (the env var is propagated by Ray Train to
+  its controller; nothing else changes), to show how much of the overhead is report pacing.
 
 Also (every mode): Ray Train's fixed cost per run, the platform's settings (on_ray.TRAIN_ENV) against Ray's
 defaults, interleaved: start-up, tear-down, the controller's phases and the CPU seconds of every process a run
