@@ -323,21 +323,14 @@ def probe_train_fn(config: dict) -> None:
 
 def probe(args, data_cfg: DataConfig, workdir: str, tag: str, poll: float | None) -> dict:
     """A Train run configured exactly as on_ray.launch_segment configures its runs, with probe_train_fn."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
+    from trainables.stages.on_ray import Scaling, make_trainer
 
     out = os.path.join(workdir, f"probe-{tag}.json")
     name = f"probe-{tag}-{os.getpid()}"
     config = {"encoder": args.encoder, "checkpoints": args.probe_checkpoints, "back_to_back": args.probe_reports,
               "spacing": (poll or current_poll()) + 0.5, "out": out, "data": data_cfg, "batch_size": args.batch_size}
-    trainer = TorchTrainer(
-        probe_train_fn,
-        train_loop_config=config,
-        scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 2}),
-        run_config=ray.train.RunConfig(name=name, storage_path=os.path.join(workdir, f"train-probe-{tag}"),
-                                       failure_config=ray.train.FailureConfig(max_failures=2),
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-    )
+    trainer = make_trainer(probe_train_fn, config, Scaling(num_workers=1, cpus_per_worker=2), name,
+                           os.path.join(workdir, f"train-probe-{tag}"))
     with poll_interval(poll):
         t_call = time.time()
         trainer.fit()
