@@ -570,33 +570,19 @@ def store_costs(chain, outputs: dict, data, workdir: str) -> dict:
     return {"publish_seconds_total": round(sum(publish), 3), "open_parent_seconds_total": round(sum(open_parent[:-1]), 3)}
 
 
-def study_overhead(spec_path: str, workdir: str, smoke: bool) -> dict:
-    """A whole study through the platform (`study launch`: Tune trials, Train runs, stage store, MLflow records) and
-    the same stages through a plain sequential loop in this process over the same objects: the same trial plans,
-    stage keys and exact reuse (one local store), with as many torch threads as the platform runs trials x cores.
-    Ray is already started (its start is not counted); the report is not written in either."""
-    import mlflow  # noqa: F401  (imported before timing, as the launcher has it)
-
-    from study.launch import concurrency, launch, resolved_precision
+def plain_study(spec, store_dir: str, threads: int) -> tuple[float, str, Runtime]:
+    """The study's stages as a plain sequential loop in this process: every trial's chain (same plans, keys and
+    precision as the platform's), run where missing in one local store (exact reuse); returns wall seconds."""
+    from study.launch import resolved_precision
     from study.plan import data_config, resolve
-    from study.spec import load_spec
     from trainables.stages.precision import resolve_channels_last
-
-    import ray
-
-    spec = load_spec(spec_path, smoke=smoke)
-    threads = concurrency(spec, ray.cluster_resources()) * max(1, int(spec.resources.cpus_per_worker))
-    t0 = time.perf_counter()
-    launch(spec_path, results_dir=os.path.join(workdir, "study-platform"), smoke=smoke)
-    platform_s = time.perf_counter() - t0
 
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         precision = resolved_precision(spec)
         runtime = Runtime(channels_last=resolve_channels_last(spec.resources.channels_last, "cpu"))
-        store = StageStore(os.path.join(workdir, "study-plain-store"))
-        finals = {}
+        store = StageStore(store_dir)
         t0 = time.perf_counter()
         with niceness(RAY_WORKER_NICENESS):
             for seed in spec.seeds:
@@ -605,12 +591,31 @@ def study_overhead(spec_path: str, workdir: str, smoke: bool) -> dict:
                 for model in spec.models:
                     trial = resolve(spec, {"model": model, "seed": seed},
                                     (data.in_channels, data.num_classes, data.image_size))
-                    chain = trial.chain(data.identity, seed, precision)
-                    run_chain_locally(chain, store, data, runtime, seed)
-                    finals[(model, seed)] = read_record(store, chain[-1].key)["final"]
-        plain_s = time.perf_counter() - t0
+                    run_chain_locally(trial.chain(data.identity, seed, precision), store, data, runtime, seed)
+        return time.perf_counter() - t0, precision, runtime
     finally:
         torch.set_num_threads(old_threads)
+
+
+def study_overhead(spec_path: str, workdir: str, smoke: bool) -> dict:
+    """A whole study through the platform (`study launch`: Tune trials, Train runs, stage store, MLflow records) and
+    the same stages through a plain sequential loop in this process over the same objects: the same trial plans,
+    stage keys and exact reuse (one local store), with as many torch threads as the platform runs trials x cores.
+    Ray is already started (its start is not counted); the report is not written in either."""
+    import mlflow  # noqa: F401  (imported before timing, as the launcher has it)
+
+    import ray
+
+    from study.launch import concurrency, launch
+    from study.spec import load_spec
+
+    spec = load_spec(spec_path, smoke=smoke)
+    threads = concurrency(spec, ray.cluster_resources()) * max(1, int(spec.resources.cpus_per_worker))
+    t0 = time.perf_counter()
+    launch(spec_path, results_dir=os.path.join(workdir, "study-platform"), smoke=smoke)
+    platform_s = time.perf_counter() - t0
+
+    plain_s, precision, runtime = plain_study(spec, os.path.join(workdir, "study-plain-store"), threads)
     return {"spec": spec.name, "trials": len(spec.models) * len(spec.seeds), "platform_seconds": round(platform_s, 1),
             "plain_seconds": round(plain_s, 1), "study_ratio": round(platform_s / plain_s, 3),
             "plain_threads": threads, "precision": precision, "channels_last": runtime.channels_last}
