@@ -57,6 +57,7 @@ def reference(spec_path: Path) -> dict[str, dict]:
     with one core computes): stage key -> fingerprint."""
     import torch
 
+    from study.launch import resolved_precision
     from study.plan import data_config, resolve
     from study.spec import load_spec
     from trainables.data import build_data
@@ -73,7 +74,7 @@ def reference(spec_path: Path) -> dict[str, dict]:
             data = build_data(data_config(spec), seed)
             for model in spec.models:
                 plan = resolve(spec, {"model": model, "seed": seed}, (data.in_channels, data.num_classes, data.image_size))
-                chain = plan.chain(data.identity, seed)
+                chain = plan.chain(data.identity, seed, resolved_precision(spec))  # the launcher's precision
                 run_chain_locally(chain, store, data, Runtime(device="cpu"), seed)
                 out.update({p.key: stage_fingerprint(store.get(p.key)) for p in chain})
     return out
