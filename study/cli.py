@@ -4,6 +4,7 @@
     study resume quickstart                     continue an interrupted study (nothing finished is recomputed)
     study status quickstart                     trial table: model, seed, parameters, stage reached, metrics
     study ui quickstart                         MLflow UI on http://127.0.0.1:5000 over the study's records
+                                                (with a tracking server: where its UI is)
     study report quickstart                     (re)write the HTML report
 
 Exit codes: 0 ok, 1 failed work (some trials failed, unreadable records), 2 bad input (spec, name, arguments,
@@ -23,11 +24,12 @@ from pathlib import Path
 from trainables.data import DataError
 from trainables.stages.store import StoreError
 
+from .cluster import StorageError
 from .paths import StudyPaths
 from .preflight import Context, PreflightError, preflight
 from .spec import SpecError, load_spec, parse_spec, read_spec
 
-BAD_INPUT = (SpecError, PreflightError, DataError)  # exit 2: nothing was created
+BAD_INPUT = (SpecError, PreflightError, DataError, StorageError)  # exit 2: nothing was created
 
 
 def _results_dir(args) -> str:
@@ -40,7 +42,7 @@ def _paths(name: str, args) -> StudyPaths:
         raise PreflightError([f"no study {name!r} in {paths.root.parent} (looked for {paths.spec_file}); "
                               "launch it first, or pass --results-dir"], name)
     spec = load_spec(paths.spec_file)
-    return StudyPaths.of(spec.name, _results_dir(args), spec.store)
+    return StudyPaths.saved(spec.name, _results_dir(args), spec.store, getattr(args, "tracking_uri", None))
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -93,10 +95,13 @@ def cmd_launch(args) -> int:
 
     document = read_spec(args.spec, args.set, args.smoke)  # validate before anything is created
     spec = parse_spec(document, str(args.spec))
-    _check(spec, StudyPaths.of(spec.name, args.results_dir or spec.results_dir, spec.store), args, document)
+    paths = StudyPaths.of(spec.name, args.results_dir or spec.results_dir, spec.store, args.storage or spec.storage,
+                          args.tracking_uri)
+    _check(spec, paths, args, document)
     print(f"study {spec.name}: {len(spec.models)} model(s) x {len(spec.seeds)} seed(s)"
           + (f", {spec.search.algorithm} search" if spec.search else "") + f" on {spec.data.dataset}")
-    spec, paths, results = launch(args.spec, args.results_dir, args.address, args.set, args.smoke)
+    spec, paths, results = launch(args.spec, args.results_dir, args.address, args.set, args.smoke, args.storage,
+                                  args.tracking_uri)
     return _summary(spec, paths, results, report=not args.no_report)
 
 
@@ -105,7 +110,7 @@ def cmd_resume(args) -> int:
 
     paths = _paths(args.name, args)
     _check(load_spec(paths.spec_file), paths, args)
-    spec, paths, results = resume(args.name, str(paths.root.parent), args.address)
+    spec, paths, results = resume(args.name, str(paths.root.parent), args.address, args.tracking_uri)
     return _summary(spec, paths, results, report=not args.no_report)
 
 
@@ -132,11 +137,15 @@ def cmd_status(args) -> int:
 
 
 def cmd_ui(args) -> int:
+    from .tracking import ui_command
+
     paths = _paths(args.name, args)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", paths.tracking_uri,
-           "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
-    if paths.tracking_uri.startswith("sqlite:"):
-        cmd += ["--default-artifact-root", paths.artifact_location]
+    cmd = ui_command(paths.tracking_uri, paths.artifact_location, args.port)
+    if cmd is None:
+        print(f"{args.name} is recorded on the tracking server {paths.tracking_uri}: its UI is there "
+              f"(experiment {args.name!r}). From another machine, forward its port first, e.g. "
+              "`ray attach cluster.yaml -p 5000` (docs/CLUSTER.md).")
+        return 0
     print(f"MLflow UI for {args.name}: http://127.0.0.1:{args.port}  (Ctrl-C stops it)", flush=True)
     return subprocess.call(cmd)
 
@@ -161,11 +170,21 @@ def parser() -> argparse.ArgumentParser:
         if name:
             sp.add_argument("name", help="the study's name (its spec's `name`)")
         sp.add_argument("--results-dir", help="where studies live (default: $STUDY_RESULTS_DIR or ./runs)")
+        tracking(sp)
+
+    def tracking(sp):
+        sp.add_argument("--tracking-uri", help="MLflow tracking URI, e.g. a tracking server http://host:5000 that "
+                        "proxies artifacts (default: the one the study was launched with, $MLFLOW_TRACKING_URI, "
+                        "else the study's embedded mlflow.db)")
 
     sp = sub.add_parser("launch", parents=[debug], help="validate a spec and run the study")
     sp.add_argument("spec", help="a study spec (YAML), e.g. studies/quickstart.yaml")
     sp.add_argument("--results-dir", help="override the spec's results_dir")
     sp.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    sp.add_argument("--storage", help="URI every node reaches (s3://bucket/prefix, gs://..., a shared mount): Tune "
+                    "state, Train checkpoints, the stage store, MLflow artifacts without a server (default: the "
+                    "spec's storage, $STUDY_STORAGE, else the results dir: one machine only)")
+    tracking(sp)
     sp.add_argument("--no-report", action="store_true", help="do not write the HTML report at the end")
     sp.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
                     help="override a spec field (value in YAML), e.g. --set data.subset=2000 --set seeds=[0,1]")

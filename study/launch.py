@@ -18,7 +18,9 @@ from pathlib import Path
 
 import yaml
 
-from .paths import StudyPaths
+from .claims import ClusterClaims, registry_for
+from .cluster import check_storage, cluster_capacity, trial_driver_resources
+from .paths import StudyPaths, is_uri, join
 from .plan import OptunaSpace, grid_space
 from .progress import Progress
 from .records import MlflowRecorder
@@ -54,8 +56,10 @@ def total_trials(spec: StudySpec) -> int:
 def concurrency(spec: StudySpec, resources: dict) -> int:
     """Trials at once: as many as the cluster's CPUs (and GPUs) fit, each trial's workers counted in full.
 
-    The trial driver itself reserves nothing (it only waits on its Train run), which is what avoids the
-    Train-in-Tune deadlock where idle trial drivers hold the CPUs their own workers need.
+    `resources` is the cluster's capacity (`cluster.cluster_capacity()`: the autoscaler's maximum where there is
+    one), so an autoscaling cluster scales out. The trial driver itself reserves no core (it only waits on its Train
+    run), which is what avoids the Train-in-Tune deadlock where idle trial drivers hold the CPUs their own workers
+    need.
     """
     if spec.resources.max_concurrent:
         return spec.resources.max_concurrent
@@ -105,28 +109,27 @@ def _callbacks(spec: StudySpec, paths: StudyPaths, spec_text: str, precision: st
               "dataset": spec.data.dataset, "subset": spec.data.subset, "encoder": spec.model.encoder,
               "search": spec.search.algorithm if spec.search else "none", "objective": spec.objective.metric,
               "store": paths.store_uri, "code_version": code_version(), "precision": precision}
-    recorder = MlflowRecorder(paths.tracking_uri, spec.name, paths.artifact_location, paths.store_uri, params, spec_text)
+    recorder = MlflowRecorder(paths.tracking_uri, spec.name, paths.artifact_location, paths.store_uri, params, spec_text,
+                              note=spec.description.strip(), data_settings=spec.data.model_dump(),
+                              system_metrics=spec.system_metrics)
     epochs = {kind: s.epochs for kind, s in spec.stages.items()}
     return [recorder, Progress(total_trials(spec), epochs)]
 
 
 def build_tuner(spec: StudySpec, paths: StudyPaths, spec_text: str, restore: bool):
     import optuna
-    import ray
     from ray import tune  # [ray] the Tuner, its search algorithm and scheduler
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     precision = resolved_precision(spec)
     ctx = TrialContext(spec=spec, store_uri=paths.store_uri, train_storage=paths.train_storage,
-                       code_version=code_version(), precision=precision)
-    # The driver only waits on its Train run: it reserves no core (a token 1 MiB of memory, since Tune refuses an
-    # empty request), so idle drivers never hold the CPUs their own workers need.
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"cpu": 0, "memory": 2**20})
-    tune_dir = paths.ray_dir / TUNE_NAME
+                       code_version=code_version(), precision=precision, claims=ClusterClaims(paths.store_uri))
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_driver_resources())
     if restore:  # Tune's tuner.pkl keeps no search space: give it again (a grid's; a searcher keeps its own)
         space = grid_space(spec) if spec.search is None or spec.search.algorithm == "grid" else None
-        return tune.Tuner.restore(str(tune_dir), trainable=trainable, param_space=space, resume_unfinished=True,
+        return tune.Tuner.restore(join(paths.tune_storage, TUNE_NAME), trainable=trainable, param_space=space,
+                                  resume_unfinished=True,
                                   resume_errored=True)
     search_alg = scheduler = None
     num_samples = 1
@@ -152,8 +155,8 @@ def build_tuner(spec: StudySpec, paths: StudyPaths, spec_text: str, restore: boo
         param_space=param_space,
         tune_config=tune.TuneConfig(metric="objective", mode="min", search_alg=search_alg, scheduler=scheduler,
                                     num_samples=num_samples,
-                                    max_concurrent_trials=concurrency(spec, ray.cluster_resources())),
-        run_config=tune.RunConfig(name=TUNE_NAME, storage_path=str(paths.ray_dir), verbose=0,
+                                    max_concurrent_trials=concurrency(spec, cluster_capacity())),
+        run_config=tune.RunConfig(name=TUNE_NAME, storage_path=paths.tune_storage, verbose=0,
                                   callbacks=_callbacks(spec, paths, spec_text, precision),
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
@@ -178,9 +181,10 @@ def can_restore(paths: StudyPaths) -> bool:
     `tuner.pkl` (written before the first `experiment_state-*.json`): then the study starts its Tune run afresh."""
     from ray import tune  # [ray] experiment state
 
-    tune_dir = paths.ray_dir / TUNE_NAME
-    return (tune_dir.exists() and any(tune_dir.glob("experiment_state-*.json"))
-            and tune.Tuner.can_restore(str(tune_dir)))
+    tune_dir = join(paths.tune_storage, TUNE_NAME)
+    if not is_uri(tune_dir) and not any(Path(tune_dir).glob("experiment_state-*.json")):
+        return False
+    return tune.Tuner.can_restore(tune_dir)
 
 
 class Interrupted(Exception):
@@ -233,6 +237,7 @@ def run(spec: StudySpec, paths: StudyPaths, spec_text: str, *, restore: bool, ad
 
     with StopSignals() as stop, launcher_mark(paths):
         init_ray(address)
+        registry = registry_for(paths.store_uri)  # noqa: F841 (the store's cluster-wide claims, owned by this launcher)
         if not restore:  # a fresh Tune run re-runs every trial: records of an earlier, unrestorable attempt go
             retire_runs(paths.tracking_uri, spec.name)
         tuner = build_tuner(spec, paths, spec_text, restore)
@@ -285,18 +290,25 @@ def launcher_alive(paths: StudyPaths) -> bool | None:
 
 
 def launch(spec_path: str | Path, results_dir: str | None = None, address: str | None = None,
-           overrides: list[str] = (), smoke: bool = False):
+           overrides: list[str] = (), smoke: bool = False, storage: str | None = None,
+           tracking_uri: str | None = None):
     document = read_spec(spec_path, overrides, smoke)
     spec = parse_spec(document, str(spec_path))
-    paths = StudyPaths.of(spec.name, results_dir or spec.results_dir, spec.store)
+    paths = StudyPaths.of(spec.name, results_dir or spec.results_dir, spec.store, storage or spec.storage,
+                          tracking_uri)
+    init_ray(address)
+    check_storage(paths)  # before anything is created
     text = prepare_study_dir(spec, document, paths)
+    paths.save()
     return spec, paths, run(spec, paths, text, restore=can_restore(paths), address=address)
 
 
-def resume(name: str, results_dir: str, address: str | None = None):
+def resume(name: str, results_dir: str, address: str | None = None, tracking_uri: str | None = None):
     paths = StudyPaths.of(name, results_dir)
     if not paths.spec_file.exists():
         raise FileNotFoundError(f"no study {name!r} in {paths.root.parent} (no {paths.spec_file})")
     spec = load_spec(paths.spec_file)
-    paths = StudyPaths.of(spec.name, results_dir, spec.store)
+    paths = StudyPaths.saved(spec.name, results_dir, spec.store, tracking_uri)
+    init_ray(address)
+    check_storage(paths)
     return spec, paths, run(spec, paths, paths.spec_file.read_text(), restore=can_restore(paths), address=address)

@@ -27,6 +27,8 @@ from ray import tune  # [ray] the callback interface
 from trainables.stages.chain import INVERT_FILE, RECORD_FILE
 from trainables.stages.store import StageStore
 
+from .tracking import log_data_input, log_finetuned_model, standard_tags
+
 FINAL_KEYS = ("train_top1_err", "train_top5_err", "val_top1_err", "val_top5_err",
               "val_top1_err_dense", "val_top5_err_dense")
 
@@ -58,8 +60,13 @@ def invert_grid_png(arrays: dict[str, np.ndarray]) -> bytes:
 
 class MlflowRecorder(tune.Callback):
     def __init__(self, tracking_uri: str, experiment: str, artifact_location: str, store_uri: str,
-                 study_params: dict, spec_text: str):
+                 study_params: dict, spec_text: str, note: str = "", data_settings: dict | None = None,
+                 system_metrics: bool = False):
         self.tracking_uri = tracking_uri
+        self.note = note  # the spec's description: the study run's note (mlflow.note.content)
+        self.data_settings = data_settings or {}  # what shaped the data: the source of each trial's dataset input
+        self.system_metrics = system_metrics  # sample CPU/memory/disk/GPU of the launcher's node on the study run
+        self._monitor = None
         self.experiment = experiment
         self.artifact_location = artifact_location
         self.store_uri = store_uri
@@ -75,7 +82,8 @@ class MlflowRecorder(tune.Callback):
     # -- setup ---------------------------------------------------------------------------------------------
     def __getstate__(self):
         """Tune pickles its callbacks with the experiment state: keep only the configuration."""
-        keep = ("tracking_uri", "experiment", "artifact_location", "store_uri", "study_params", "spec_text")
+        keep = ("tracking_uri", "experiment", "artifact_location", "store_uri", "study_params", "spec_text", "note",
+                "data_settings", "system_metrics")
         return {k: self.__dict__[k] for k in keep}
 
     def __setstate__(self, state):
@@ -87,8 +95,10 @@ class MlflowRecorder(tune.Callback):
 
     def start(self) -> str:
         """Create (or find) the experiment and the study run; returns the study run id."""
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the CLI prints its own progress
         self.client = mlflow.MlflowClient(self.tracking_uri)
         self.store = StageStore(self.store_uri)
+        self.context_tags = standard_tags()  # user, source, git commit: on the study run and every trial run
         exp = self.client.get_experiment_by_name(self.experiment)
         if exp is None:
             self.experiment_id = self.client.create_experiment(
@@ -101,11 +111,25 @@ class MlflowRecorder(tune.Callback):
             self.study_run = found[0].info.run_id
             self.client.update_run(self.study_run, status="RUNNING")
         else:
-            run = self.client.create_run(self.experiment_id, run_name=self.experiment, tags={"role": "study"})
+            tags = {**self.context_tags, "role": "study"}
+            if self.note:
+                tags["mlflow.note.content"] = self.note
+            run = self.client.create_run(self.experiment_id, run_name=self.experiment, tags=tags)
             self.study_run = run.info.run_id
             self.client.log_batch(self.study_run, params=[Param(k, str(v)[:6000]) for k, v in self.study_params.items()])
             self.client.log_text(self.study_run, self.spec_text, "spec.yaml")
+        if self.system_metrics and self._monitor is None:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self.study_run, tracking_uri=self.tracking_uri,
+                                                 resume_logging=bool(found))
+            self._monitor.start()
         return self.study_run
+
+    def on_experiment_end(self, trials, **info):
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
 
     def finish(self, ok: bool) -> None:
         self.client.set_terminated(self.study_run, "FINISHED" if ok else "FAILED")
@@ -124,8 +148,8 @@ class MlflowRecorder(tune.Callback):
             self.client.update_run(run_id, status="RUNNING")
         else:
             event = event or {}
-            tags = {"role": "trial", "trial_id": trial_id, "seed": str(seed), "model": event.get("model", ""),
-                    "decoder": event.get("decoder", ""), "placement": event.get("placement", ""),
+            tags = {**self.context_tags, "role": "trial", "trial_id": trial_id, "seed": str(seed),
+                    "model": event.get("model", ""), "decoder": event.get("decoder", ""), "placement": event.get("placement", ""),
                     "stage_keys": event.get("stage_keys", ""), "mlflow.parentRunId": self.study_run}
             run = self.client.create_run(self.experiment_id, run_name=f"{event.get('model', 'trial')}-s{seed}-{trial_id}",
                                          tags=tags)
@@ -133,6 +157,8 @@ class MlflowRecorder(tune.Callback):
             params = json.loads(event.get("params_json", "{}"))
             params["seed"] = seed
             self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
+            if event.get("data_identity"):
+                log_data_input(self.client, run_id, event["data_identity"], self.data_settings)
         self._trial_runs[key] = run_id
         return run_id
 
@@ -174,7 +200,8 @@ class MlflowRecorder(tune.Callback):
                 return  # logged by an attempt before an interruption
             now = int(time.time() * 1000)
             metrics = {k: v for k, v in numeric(result).items() if k.startswith(("loss", "val_"))}
-            self.client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+            tags = [RunTag("node_id", result["node_id"])] if result.get("node_id") else []
+            self.client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()], tags=tags)
             self._steps[run_id].add(step)
         elif event == "stage_done":
             self._stage_done(trial_id, seed, result)
@@ -185,6 +212,8 @@ class MlflowRecorder(tune.Callback):
             now = int(time.time() * 1000)
             metrics = {k: v for k, v in numeric(result).items() if k in FINAL_KEYS}
             self.client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+            final_key = self.client.get_run(run_id).data.tags["stage_keys"].split(",")[-1]
+            log_finetuned_model(self.tracking_uri, run_id, self.store, final_key, json.loads(result["data_mean"]))
             self.client.set_terminated(run_id, "FINISHED")
 
     def _stage_done(self, trial_id: str, seed: int, result: dict) -> None:

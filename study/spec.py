@@ -181,7 +181,9 @@ class StudySpec(Strict):
     search: SearchSpec | None = None
     objective: ObjectiveSpec = ObjectiveSpec()
     results_dir: str = "runs"  # where the study's directory is created (relative to the working directory)
-    store: str | None = None  # stage store URI (any pyarrow filesystem); None = <results_dir>/store, shared by studies
+    store: str | None = None  # stage store URI (any pyarrow filesystem); None = <storage>/store, shared by studies
+    storage: str | None = None  # URI every node reaches (s3://, gs://, shared mount): Tune, Train, store, artifacts
+    system_metrics: bool = False  # opt-in: MLflow samples the launcher node's CPU/memory/disk/GPU on the study run
 
     @field_validator("models")
     @classmethod

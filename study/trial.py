@@ -29,6 +29,7 @@ class TrialContext:
     train_storage: str
     code_version: str
     precision: str  # resolved once for the study (launch.resolved_precision): fp32 | bf16
+    claims: object = None  # the store's cluster-wide claims (study/claims.py); None: the store's lock files
 
 
 def run_trial(config: dict, ctx: TrialContext) -> None:
@@ -37,7 +38,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
 
     spec = ctx.spec
     metric = spec.objective.metric
-    store = StageStore(ctx.store_uri)
+    store = StageStore(ctx.store_uri, claims=ctx.claims)
     seeds = [int(config["seed"])] if "seed" in config else list(spec.seeds)
     finals = []
     for seed in seeds:
@@ -47,7 +48,8 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         decoder, placement = split_variant(plan.model.variant)
         idle = {"finetune_epoch": 0, "objective": 100.0, "seed": seed}
         tune.report({"event": "trial_start", "model": plan.model.variant, "decoder": decoder, "placement": placement,
-                     "stage_keys": ",".join(p.key for p in chain), "params_json": json.dumps({**plan.params, "precision": ctx.precision}), **idle})
+                     "stage_keys": ",".join(p.key for p in chain), "params_json": json.dumps({**plan.params, "precision": ctx.precision}),
+                     "data_identity": data.identity, **idle})
         job = SegmentJob(segment=(), store_uri=ctx.store_uri, data=data_config(spec), seed=seed,
                          scaling=scaling(spec), code_version=ctx.code_version, objective_metric=metric)
         computed = ensure_chain(chain, store, job, ctx.train_storage, callbacks=[TuneReportCallback()])
@@ -56,7 +58,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
                          "reused": not was_computed, **idle})
         final = read_record(store, chain[-1].key)["final"]
         finals.append(final)
-        tune.report({"event": "seed_end", **final, **idle})
+        tune.report({"event": "seed_end", **final, "data_mean": json.dumps(list(data.mean)), **idle})
     mean = {k: float(np.mean([f[k] for f in finals])) for k in finals[0] if all(k in f for f in finals)}
     tune.report({"event": "trial_end", **mean, "objective": mean[metric], "finetune_epoch": plan.settings["finetune"].epochs,
                  "seed": seeds[-1]})

@@ -307,6 +307,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(base: str, attempts: int = 240) -> None:
+    """Wait until an MLflow server at `base` answers /health."""
+    for _ in range(attempts):
+        try:
+            urllib.request.urlopen(base + "/health", timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+
+
+def tiny_spec(name: str, models: list[str], **fields) -> dict:
+    """A study at the `--smoke` size: tiny VGG, 200 images, one epoch per stage, one seed."""
+    stage = {"epochs": 1, "batch_size": 64, "optimizer": {"name": "adam", "lr": 0.003}}
+    return {"name": name, "models": models, "seeds": [0], "data": {"subset": 200, "val_size": 50},
+            "model": {"encoder": "vgg_tiny"}, "stages": {kind: stage for kind in STAGES}, **fields}
+
+
 @pytest.mark.ray
 def test_study_ui_serves_the_mlflow_ui_with_the_studys_runs(micro):
     port = free_port()
@@ -316,12 +333,7 @@ def test_study_ui_serves_the_mlflow_ui_with_the_studys_runs(micro):
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(base + "/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
+        wait_healthy(base)
         req = urllib.request.Request(base + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=micro")
         exp = json.load(urllib.request.urlopen(req, timeout=10))["experiment"]
         body = json.dumps({"experiment_ids": [exp["experiment_id"]], "filter": "tags.role = 'trial'"}).encode()

@@ -60,11 +60,13 @@ class SegmentJob:
 
 
 def _worker(job: SegmentJob) -> None:
-    import ray.train  # [ray] worker context, report, checkpoint
+    import ray  # [ray] worker context, report, checkpoint
+    import ray.train
     import ray.train.torch
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    node_id = ray.get_runtime_context().get_node_id()  # where the stage ran (a tag of its MLflow run)
     # The cores this worker was given are the threads it computes with (Ray's OMP_NUM_THREADS comes too late
     # once torch has started its thread pool).
     torch.set_num_threads(max(1, math.floor(job.scaling.cpus_per_worker)))
@@ -92,7 +94,7 @@ def _worker(job: SegmentJob) -> None:
 
         def on_epoch(epoch, metrics, state, index=index, planned=planned):
             report = {"event": "epoch", "stage": planned.stage.kind, "stage_key": planned.key, "epoch": epoch,
-                      **metrics, **_asha_fields(planned, epoch, metrics, job.objective_metric)}
+                      "node_id": node_id, **metrics, **_asha_fields(planned, epoch, metrics, job.objective_metric)}
             with tempfile.TemporaryDirectory() as d:
                 ckpt = None
                 if rank == 0:

@@ -13,13 +13,15 @@ creation time, caller's meta). Callers use :func:`get_or_compute`; the guarantee
   For non-local stores ``get`` returns a local cache copy (the files callers actually open), fully verified on
   every ``get``; the remote files are hashed when downloaded and size-checked on later ``get``s (a same-size
   alteration of a remote file is noticed at its next download, e.g. on another machine).
-- **Computed once.** ``get_or_compute`` takes an exclusive per-key claim (a ``filelock`` lock file) before
-  computing and re-checks the store after acquiring it, so concurrent trials needing the same missing stage cause
-  one computation while the others wait and then reuse it. Locks are released by the OS if the holder dies.
-  Local stores keep lock files in ``<root>/.locks`` (works across processes, and across machines on a shared
-  POSIX filesystem with working ``flock``, e.g. NFSv4); non-local stores keep them in ``<cache_dir>/.locks``, which
-  serialises computation within one machine only -- two machines may both compute a key, and the last manifest
-  wins (if their files interleave, ``get`` detects the mismatch and the entry is recomputed).
+- **Computed once.** ``get_or_compute`` takes an exclusive per-key claim before computing and re-checks the store
+  after acquiring it, so concurrent trials needing the same missing stage cause one computation while the others
+  wait and then reuse it. Claims come from ``claims`` if given (any object with a ``claim(key, timeout)`` context
+  manager; studies pass a cluster-wide registry, ``study/claims.py``, so a stage is computed once per cluster
+  whatever the store). Without it they are ``filelock`` lock files, released by the OS if the holder dies: local
+  stores keep them in ``<root>/.locks`` (works across processes, and across machines on a shared POSIX filesystem
+  with working ``flock``, e.g. NFSv4); non-local stores keep them in ``<cache_dir>/.locks``, which serialises
+  computation within one machine only -- two machines may both compute a key, and the last manifest wins (if their
+  files interleave, ``get`` detects the mismatch and the entry is recomputed).
 
 All store I/O goes through ``pyarrow.fs`` (the local case too), so local and remote stores run the same code.
 """
@@ -106,10 +108,13 @@ class StageStore:
     ``cache_dir``: local directory for verified copies of remote entries and their lock files (default
     ``~/.cache/stage-store/<hash of uri>``); for local stores it only hosts compute scratch space if given.
     ``atomic_rename``: publish by renaming a temp directory (default: True for local filesystems, False otherwise).
+    ``claims``: where exclusive per-key claims come from (an object with a ``claim(key, timeout)`` context
+    manager); default: lock files (see the module's docstring).
     """
 
-    def __init__(self, uri: str, cache_dir: str | None = None, *, atomic_rename: bool | None = None):
+    def __init__(self, uri: str, cache_dir: str | None = None, *, atomic_rename: bool | None = None, claims=None):
         self.uri = uri
+        self.claims = claims
         if "://" in uri:
             self.fs, root = pafs.FileSystem.from_uri(uri)
         else:
@@ -389,6 +394,10 @@ class StageStore:
     def claim(self, key: str, timeout: float | None = None) -> Iterator[None]:
         """Hold the exclusive claim on ``key`` (blocking; StoreError after ``timeout`` seconds if given)."""
         self._check_key(key)
+        if self.claims is not None:
+            with self.claims.claim(key, timeout):
+                yield
+            return
         os.makedirs(self.lock_dir, exist_ok=True)
         path = os.path.join(self.lock_dir, f"{key}.lock")
         lock = filelock.FileLock(path, timeout=-1 if timeout is None else timeout)
