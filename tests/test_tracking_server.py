@@ -49,6 +49,7 @@ def served(tmp_path_factory, fmnist_root, monkeypatch_module):
         wait_healthy(url)
         spec = write_spec(work, MICRO)
         monkeypatch_module.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # samples within a short study
+        monkeypatch_module.setenv("RAY_memory_monitor_refresh_ms", "0")  # no OOM kills on a machine shared by tests
         out = cli("launch", str(spec), "--tracking-uri", url, cwd=work).stdout
         yield {"work": work, "url": url, "out": out, "artifacts": artifacts}
     finally:
