@@ -29,7 +29,8 @@ STAGE_COLUMNS = ["trial_id", "run_id", "trial_run_id", "model", "decoder", "plac
 CURVE_COLUMNS = ["trial_id", "run_id", "model", "seed", "stage", "metric", "step", "value"]
 
 # Metrics RECORDS.md logs once at the end of a stage; everything else is fetched as a per-epoch history.
-_FINAL_ONLY = re.compile(r"^(train_top[15]_err|val_top[15]_err_dense|rec_err_.+|invert_err_pool\d+)$")
+_FINAL_ONLY = re.compile(r"^(train_top[15]_err|val_top[15]_err_dense|rec_(err|rel)_.+|invert_err_pool\d+"
+                         r"|loss_share_(start|end)_.+|loss_weight_.+|lr_decoder\d+)$")
 
 
 class StudyRuns(NamedTuple):

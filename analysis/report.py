@@ -108,6 +108,25 @@ def _recon_figures(runs: StudyRuns) -> list[tuple[str, go.Figure]]:
     return out
 
 
+def loss_balance_table(stages: pd.DataFrame) -> pd.DataFrame:
+    """Per model and level: each weighted reconstruction term's share of the total loss at the start and the end of
+    fine-tuning, and its weight (means over seeds); empty when no fine-tuning stage has reconstruction terms."""
+    cols = [c for c in stages.columns if c.startswith("loss_share_start_")] if not stages.empty else []
+    if not cols:
+        return pd.DataFrame(columns=["model", "level", "n", "share_start", "share_end", "weight"])
+    rows = []
+    finetune = stages[stages["stage"] == "finetune"]
+    for model, group in finetune.groupby("model"):
+        for col in cols:
+            level = col.removeprefix("loss_share_start_")
+            if group[col].notna().any():
+                rows.append({"model": model, "level": level, "n": int(group[col].notna().sum()),
+                             "share_start": group[col].mean(),
+                             "share_end": group.get(f"loss_share_end_{level}", pd.Series(dtype=float)).mean(),
+                             "weight": group.get(f"loss_weight_{level}", pd.Series(dtype=float)).mean()})
+    return pd.DataFrame(rows, columns=["model", "level", "n", "share_start", "share_end", "weight"])
+
+
 def build_report(runs: StudyRuns, *, baseline: str = "baseline", optuna_storage: str | None = None) -> Report:
     """Every table and figure of the report, computed from loaded runs (no HTML yet)."""
     trials, stages, curves = runs.trials, runs.stages, runs.curves
@@ -283,6 +302,14 @@ def render_html(report: Report, baseline: str = "baseline") -> str:
                                 _table_html(g, text_cols=("reason",)) + "<p class='note'>Gain = baseline's final "
                                 "val top-1 − the model's val top-1 (seed-mean curves). The paper: 75% within 4 epochs."
                                 "</p>"))  # fmt: skip
+    balance = loss_balance_table(runs.stages)
+    if not balance.empty:
+        shown_balance = balance.assign(**{c: [f"{v:.2%}" if v == v else "–" for v in balance[c]]
+                                          for c in ("share_start", "share_end")})
+        sections.append(Section("Loss balance in fine-tuning", _table_html(shown_balance) + (
+            "<p class='note'>Each weighted reconstruction term's share of the total loss on the first batches "
+            "(start) and over the last epoch (end). A level with a share near 0 does nothing; "
+            "<code>loss.balance: auto</code> sets the weights from target shares.</p>")))  # fmt: skip
     fig_html = []
     for i, (caption, fig) in enumerate(report.figures):
         height = fig.layout.height or F.HEIGHT

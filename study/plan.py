@@ -29,16 +29,22 @@ class TrialPlan:
         return plan(procedure(self.model, self.settings, self.loss), data_identity, seed, precision)
 
 
+def _lr(value) -> float | str:
+    return value if value == "auto" else float(value)
+
+
 def data_config(spec: StudySpec) -> DataConfig:
     d = spec.data
     return DataConfig(dataset=d.dataset, root=d.root, subset=d.subset, val_size=d.val_size,
-                      labeled_fraction=d.labeled_fraction, augment=d.augment, eval_on=d.eval_on)
+                      labeled_fraction=d.labeled_fraction, augment=d.augment, eval_on=d.eval_on,
+                      **({"crop": d.crop} if d.crop is not None else {}))
 
 
 def scaling(spec: StudySpec) -> Scaling:
     r = spec.resources
     return Scaling(num_workers=r.workers, cpus_per_worker=r.cpus_per_worker, gpus_per_worker=r.gpus_per_worker,
-                   channels_last=r.channels_last, max_failures=r.max_failures)
+                   channels_last=r.channels_last, max_failures=r.max_failures,
+                   deterministic=r.deterministic)
 
 
 def resolve(spec: StudySpec, config: dict, shape: tuple[int, int, int] | None = None) -> TrialPlan:
@@ -63,19 +69,28 @@ def resolve(spec: StudySpec, config: dict, shape: tuple[int, int, int] | None = 
     settings = {
         kind: StageSettings(
             epochs=int(s["epochs"]), batch_size=int(s["batch_size"]),
-            optimizer=OptimizerConfig(name=s["optimizer"]["name"], lr=float(s["optimizer"]["lr"]),
+            optimizer=OptimizerConfig(name=s["optimizer"]["name"], lr=_lr(s["optimizer"]["lr"]),
                                       momentum=float(s["optimizer"]["momentum"]),
                                       weight_decay=float(s["optimizer"]["weight_decay"]),
-                                      group_lrs=tuple(sorted(s["optimizer"]["group_lrs"].items()))),
+                                      group_lrs=tuple(sorted(s["optimizer"]["group_lrs"].items())),
+                                      lr_grid=tuple(float(r) for r in s["optimizer"]["lr_grid"]),
+                                      probe_steps=int(s["optimizer"]["probe_steps"]) if s["optimizer"]["lr"] == "auto" else 0),
         )
         for kind, s in stages.items()
     }
+    share = spec.loss.target_share
     loss = LossConfig(weights=tuple(sorted(weights.items())), form=spec.loss.form,
-                      detach_targets=spec.loss.detach_targets, decoder_form=spec.loss.decoder_form)
+                      detach_targets=spec.loss.detach_targets, decoder_form=spec.loss.decoder_form,
+                      balance=spec.loss.balance,
+                      target_share=tuple(sorted(share.items())) if isinstance(share, dict) else float(share),
+                      balance_batches=spec.loss.balance_batches)
     chain = procedure(model, settings, loss)
     params = {"model": variant, "encoder": model.encoder, "loss.form": loss.form,
-              "loss.detach_targets": loss.detach_targets}
-    params.update({f"loss.weights.{lvl}": w for lvl, w in chain[-1].weights})
+              "loss.detach_targets": loss.detach_targets, "loss.balance": loss.balance}
+    if chain[-1].balance:  # the weights are chosen at the start of fine-tuning (recorded as loss_weight_<level>)
+        params.update({f"loss.target_share.{lvl}": s for lvl, s in chain[-1].balance})
+    else:
+        params.update({f"loss.weights.{lvl}": w for lvl, w in chain[-1].weights})
     for stage in chain:
         s = stage.settings
         params.update({f"stages.{stage.kind}.epochs": s.epochs, f"stages.{stage.kind}.batch_size": s.batch_size,

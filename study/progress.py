@@ -73,6 +73,8 @@ class Progress(tune.Callback):
             self.print(f"{self._label(trial)} {'  '.join(parts)} {self._tail()}")
         elif event == "stage_done":
             how = "reused from the store" if result["reused"] else "computed"
+            if not result["reused"] and result.get("why"):
+                how += f" ({result['why']})"  # not in the store / corrupt / code semantics version changed
             self.print(f"{self._label(trial)} {result['stage']} {how}")
         elif event == "stage_retry":
             self.print(f"{self._label(trial)} {result['stage']} retried from its checkpoint after epoch "

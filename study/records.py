@@ -222,6 +222,8 @@ class MlflowRecorder(tune.Callback):
         if self.client.get_run(run_id).info.status == "FINISHED":
             return  # recorded before an interruption
         self.client.set_tag(run_id, "reused", str(reused).lower())
+        if result.get("why"):  # why a computed stage was computed: not in the store / corrupt / version changed
+            self.client.set_tag(run_id, "why", result["why"])
         entry = self.store.get(result["stage_key"])
         with open(os.path.join(entry.path, RECORD_FILE)) as f:
             record = json.load(f)

@@ -52,6 +52,7 @@ class DataSpec(Strict):
     labeled_fraction: Annotated[float, Field(gt=0, le=1)] = 1.0  # share of training examples that keep labels
     augment: bool = False  # random crop (pad 4) + flip on the training split (CIFAR-style)
     eval_on: Literal["val", "test"] = "val"  # "val" = held-out split; "test" = the official test split
+    crop: Annotated[int, Field(ge=32)] | None = None  # imagefolder: input side in pixels (None = 224; resize 256/224 x crop)
 
     @field_validator("dataset")
     @classmethod
@@ -81,7 +82,11 @@ class ModelSpec(Strict):
 
 class OptimizerSpec(Strict):
     name: Literal["sgd", "adam"] = "sgd"
-    lr: PositiveFloat = 0.01  # base learning rate
+    # base learning rate, or "auto" (layerwise/topdown stages): the paper's selection, per decoder block the rate of
+    # lr_grid with the largest loss drop after probe_steps steps (chosen rates recorded as lr_decoder<k>)
+    lr: PositiveFloat | Literal["auto"] = 0.01
+    lr_grid: list[PositiveFloat] = []  # lr auto: rates probed
+    probe_steps: Annotated[int, Field(ge=1)] = 200  # lr auto: steps per probe (the paper: 2000 iterations)
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9  # SGD momentum
     weight_decay: NonNegativeFloat = 0.0  # L2 penalty
     group_lrs: dict[str, PositiveFloat] = {}  # per parameter-group learning rates, e.g. {decoder1: 0.001}
@@ -98,6 +103,11 @@ class LossSpec(Strict):
     form: Literal["euclidean", "mse"] = "euclidean"  # euclidean = sum of squares / (2 x batch), the released code
     detach_targets: bool = False  # stop gradients into reconstruction targets (the paper does not)
     decoder_form: Literal["euclidean", "mse"] = "mse"  # loss form while decoders train alone (stages 2, 3)
+    # fixed: `weights` (or the paper's) as given | auto: each level's fine-tuning weight set from the terms measured
+    # on the first balance_batches batches so that it carries target_share of the total loss (trainables/stages/balance.py)
+    balance: Literal["fixed", "auto"] = "fixed"
+    target_share: Annotated[float, Field(gt=0, lt=1)] | dict[str, Annotated[float, Field(gt=0, lt=1)]] = 0.1  # per level
+    balance_batches: Annotated[int, Field(ge=1)] = 4  # batches measured for balance auto
 
     @field_validator("weights")
     @classmethod
@@ -117,6 +127,7 @@ class ResourcesSpec(Strict):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: bool | Literal["auto"] = "auto"  # NHWC convolutions; auto = where measured faster (CUDA, x86)
     max_failures: Annotated[int, Field(ge=0)] = 2  # worker failures a stage recovers from
+    deterministic: bool = False  # torch deterministic algorithms (bitwise repeatable GPU runs, slower; docs/TRAINING.md)
     max_concurrent: Annotated[int, Field(ge=1)] | None = None  # trials at once; None = as many as the resources fit
 
     @model_validator(mode="before")
@@ -226,12 +237,16 @@ class StudySpec(Strict):
                 if kind not in self.stages:
                     out.append(f"stages.{kind}: missing, but model {variant!r} needs it (give epochs, batch_size, optimizer)")
         out += self._model_problems(variants)
+        out += self._stage_problems()
         out += self._loss_problems(variants)
         if self.search is not None:
             out += self._search_problems(variants)
+        if self.data.crop is not None and self.data.dataset != "imagefolder":
+            out.append(f"data.crop: only imagefolder images are resized and cropped (dataset is {self.data.dataset!r})")
         if isinstance(self.data.val_size, float) and not 0 <= self.data.val_size < 1:
             out.append(f"data.val_size: a fraction must be in [0, 1), got {self.data.val_size}")
-        if self.data.subset is not None and isinstance(self.data.val_size, int) and self.data.val_size >= self.data.subset:
+        if (self.data.subset is not None and isinstance(self.data.val_size, int) and self.data.dataset != "imagefolder"
+                and self.data.val_size >= self.data.subset):  # imagefolder validates on val/, not a hold-out
             out.append(f"data.val_size: {self.data.val_size} held out of a subset of {self.data.subset} leaves no training data")
         return out
 
@@ -245,6 +260,7 @@ class StudySpec(Strict):
     def _model_problems(self, variants: list[str]) -> list[str]:
         out = []
         channels, classes, size = DATASET_SHAPES.get(self.data.dataset, (3, 10, 32))
+        size = self.data.crop or size
         for variant in variants:
             if variant not in VARIANTS:
                 continue
@@ -255,14 +271,53 @@ class StudySpec(Strict):
                 out.append(f"model: {variant!r} cannot be built: {exc}")
         return out
 
+    def _stage_problems(self) -> list[str]:
+        out = []
+        workers = self.resources.workers
+        for kind, stage in self.stages.items():
+            where = f"stages.{kind}"
+            if workers > 1 and stage.batch_size % workers:
+                out.append(f"{where}.batch_size: {stage.batch_size} is not a multiple of resources.workers={workers} "
+                           "(the global batch is split evenly between the workers)")
+            opt = stage.optimizer
+            if opt.lr == "auto" and kind not in ("layerwise", "topdown"):
+                out.append(f"{where}.optimizer.lr: 'auto' (the paper's decoder-rate probes) is for the layerwise and "
+                           "topdown stages only")
+            if opt.lr == "auto" and not opt.lr_grid:
+                out.append(f"{where}.optimizer.lr_grid: lr 'auto' needs the rates to probe, e.g. [0.001, 0.01, 0.1]")
+            if opt.lr_grid and opt.lr != "auto":
+                out.append(f"{where}.optimizer.lr_grid: only used with lr 'auto' (lr is {opt.lr})")
+        return out
+
     def _loss_problems(self, variants: list[str]) -> list[str]:
         levels = set()
         for variant in variants:
             levels |= set(model_levels(self.model, variant))
+        out = []
         extra = sorted(set(self.loss.weights) - levels)
         if extra:
-            return [f"loss.weights: level(s) {extra} exist in none of the models {variants} (their levels: {sorted(levels)})"]
-        return []
+            out.append(f"loss.weights: level(s) {extra} exist in none of the models {variants} (their levels: {sorted(levels)})")
+        if self.loss.balance == "auto":
+            if self.loss.weights:
+                out.append("loss.weights: balance 'auto' sets the weights itself; remove loss.weights or use balance fixed")
+            if self.search and any(p.startswith("loss.weights.") for p in self.search.space):
+                out.append("search.space: loss.weights.<level> cannot be searched with loss.balance 'auto' "
+                           "(search loss.target_share instead by running one study per share)")
+            shares = self.loss.target_share
+            for variant in variants:
+                lv = model_levels(self.model, variant)
+                if isinstance(shares, dict):
+                    missing = [lvl for lvl in lv if lvl not in shares]
+                    if missing:
+                        out.append(f"loss.target_share: no share for level(s) {missing} of model {variant!r}")
+                        continue
+                total = sum(shares[lvl] if isinstance(shares, dict) else shares for lvl in lv)
+                if total >= 1:
+                    out.append(f"loss.target_share: the shares of model {variant!r} sum to {total:g} >= 1 "
+                               "(cross-entropy keeps the rest)")
+        elif self.loss.target_share != 0.1 or self.loss.balance_batches != 4:
+            out.append("loss.target_share / loss.balance_batches: only used with loss.balance 'auto'")
+        return out
 
     def _search_problems(self, variants: list[str]) -> list[str]:
         out = []
@@ -434,14 +489,19 @@ def smoke_reduction(data: dict) -> dict:
     """The same study at toy size, for a run of seconds: what CI runs for every shipped spec.
 
     Same models, stage kinds, search space and placements; tiny encoder, ~200 images, 1 epoch per stage,
-    one seed, 2 search samples, CPU; a separate name (`<name>-smoke`) so it never mixes with the real study.
+    one seed, 2 search samples, rate probes of 2 steps over 2 rates, CPU; a separate name (`<name>-smoke`) so it
+    never mixes with the real study. A VGG16 with a local `.pth` state dict stays, on 32x32 crops.
     """
     out = yaml.safe_load(yaml.safe_dump(data))  # deep copy
     out["name"] = f"{out.get('name', 'study')}-smoke"
     d = out.setdefault("data", {})
-    d["subset"], d["val_size"] = 200, 50
+    d["subset"], d["val_size"] = min(int(d.get("subset") or 200), 200), 50
     m = out.setdefault("model", {})
-    if m.get("encoder", "vgg_small") != "vgg_tiny":
+    if str(m.get("pretrained") or "").endswith((".pth", ".pt")):
+        # A local VGG16 state dict stays (its loading, input scale and dense evaluation are what such a spec is
+        # about); small images keep it cheap. Named torchvision weights would need a download: tiny encoder instead.
+        d["crop"] = 32
+    elif m.get("encoder", "vgg_small") != "vgg_tiny":
         m.update(encoder="vgg_tiny", blocks=None, fc=None, pretrained=None)
         out.setdefault("loss", {})["weights"] = {k: v for k, v in (out.get("loss", {}).get("weights") or {}).items()
                                                  if k in ("image", "pool1")}
@@ -451,6 +511,10 @@ def smoke_reduction(data: dict) -> dict:
         if isinstance(stage, dict):
             stage["epochs"] = min(int(stage.get("epochs", 1)), 1)
             stage["batch_size"] = min(int(stage.get("batch_size", 128)), 64)
+            optimizer = stage.get("optimizer")
+            if isinstance(optimizer, dict) and optimizer.get("lr") == "auto":
+                optimizer["lr_grid"] = list(optimizer.get("lr_grid") or [])[:2]
+                optimizer["probe_steps"] = 2
     out["seeds"] = (out.get("seeds") or [0])[:1]
     if out.get("search"):
         out["search"]["num_samples"] = min(int(out["search"].get("num_samples", 2)), 2)

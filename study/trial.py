@@ -14,7 +14,7 @@ import numpy as np
 
 from trainables.data import build_data
 from trainables.models.factory import split_variant
-from trainables.stages.chain import read_record
+from trainables.stages.chain import read_record, why_recomputed
 from trainables.stages.on_ray import SegmentJob, ensure_chain
 from trainables.stages.store import StageStore
 
@@ -52,10 +52,12 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
                      "data_identity": data.identity, **idle})
         job = SegmentJob(segment=(), store_uri=ctx.store_uri, data=data_config(spec), seed=seed,
                          scaling=scaling(spec), code_version=ctx.code_version, objective_metric=metric)
+        reasons = why_recomputed(store, chain, data.identity, seed)
         computed = ensure_chain(chain, store, job, ctx.train_storage, callbacks=[TuneReportCallback()])
         for planned, was_computed in zip(chain, computed):
             tune.report({"event": "stage_done", "stage": planned.stage.kind, "stage_key": planned.key,
-                         "reused": not was_computed, **idle})
+                         "reused": not was_computed, "why": reasons.get(planned.key, "") if was_computed else "",
+                         **idle})
         final = read_record(store, chain[-1].key)["final"]
         finals.append(final)
         tune.report({"event": "seed_end", **final, "data_mean": json.dumps(list(data.mean)), **idle})

@@ -52,3 +52,10 @@ def test_throughput_smoke_reports_bf16_speedup_and_peak_fraction_per_model(tmp_p
     assert len(out["models"]) == 7
     assert all(m["bf16_speedup"] > 0 and 0 < m["peak_fraction"] for m in out["models"].values())
     assert set(out["accuracy"]["val_top1_err"]) == {"fp32", "bf16"}
+
+
+def test_input_pipeline_smoke(tmp_path):
+    out = run_smoke("input_pipeline", tmp_path)
+    assert out["img_per_s"]["1"] > 0 and out["img_per_s"]["2"] > 0
+    assert out["scaling_1_to_2"] == pytest.approx(out["img_per_s"]["2"] / out["img_per_s"]["1"], rel=0.01)
+    assert out["img_per_s_per_core"] == out["img_per_s"]["1"] and out["cores_per_gpu"] > 0

@@ -8,8 +8,8 @@ them, fast for the in-memory datasets. No Ray, no MLflow here.
 
 from .config import DataBundle, DataConfig
 from .errors import DataError
-from .loading import loader
+from .loading import decode_workers, loader
 from .memory import InMemoryImages
 from .registry import build_data, dataset_names
 
-__all__ = ["DataBundle", "DataConfig", "DataError", "InMemoryImages", "build_data", "dataset_names", "loader"]
+__all__ = ["DataBundle", "DataConfig", "DataError", "InMemoryImages", "build_data", "dataset_names", "decode_workers", "loader"]

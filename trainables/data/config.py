@@ -28,6 +28,8 @@ class DataConfig:
         Ignored by `imagefolder`, which always uses the paper's training transform.
     eval_on: "val" = the held-out split of the training files (the `val/` folder for imagefolder);
         "test" = the official test split (the `test/` folder for imagefolder).
+    crop: imagefolder only: the network's input side in pixels (the paper: 224); images are first resized so
+        their shorter side is crop * 256 / 224 (256 for 224). Smaller values make smoke runs cheap.
     """
 
     dataset: str = "fashion_mnist"
@@ -37,6 +39,7 @@ class DataConfig:
     labeled_fraction: float = 1.0
     augment: bool = False
     eval_on: str = "val"
+    crop: int = 224
 
     def __post_init__(self) -> None:
         if not isinstance(self.dataset, str) or not self.dataset:
@@ -65,6 +68,8 @@ class DataConfig:
         object.__setattr__(self, "labeled_fraction", float(self.labeled_fraction))
         if not isinstance(self.augment, bool):
             raise DataError(f"DataConfig.augment must be a bool, got {self.augment!r}")
+        if not _is_int(self.crop) or self.crop < 32:
+            raise DataError(f"DataConfig.crop must be an integer >= 32, got {self.crop!r}")
         if self.eval_on not in EVAL_SPLITS:
             raise DataError(f"DataConfig.eval_on must be one of {EVAL_SPLITS}, got {self.eval_on!r}")
 

@@ -3,7 +3,10 @@
 Paper protocol (Zhang, Lee & Lee 2016, following VGG): training images are resized so the shorter
 side is RESIZE, randomly cropped to CROP and flipped left-right; evaluation images are resized the
 same way and centre-cropped; `dense_val` keeps the whole resized image (sizes vary: batch size 1).
-Inputs are pixel/255 minus ImageNet's channel mean, not divided by a std.
+Inputs are pixel/255 minus ImageNet's channel mean, not divided by a std: the decoders reconstruct exactly this
+(the paper's target), and a model for torchvision's weights divides by their std itself (`VGG.expect_input_std`),
+so it sees what `VGG16_Weights.IMAGENET1K_V1.transforms()` gives (bilinear antialiased resize of the shorter side
+to 256, centre crop 224). `DataConfig.crop` scales both sizes (resize = crop * 256 / 224) for cheap smoke runs.
 
 Split semantics differ from the in-memory datasets, because ImageNet has no held-out split:
 `subset` draws (seeded) from train/; `val_size` and `augment` are ignored (and left out of the
@@ -35,22 +38,26 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 
 
 # torchvision is imported only when transforms are built: importing it takes seconds.
-def train_transform() -> Callable:
+def resize_for(crop: int) -> int:
+    return round(crop * RESIZE / CROP)
+
+
+def train_transform(crop: int = CROP) -> Callable:
     from torchvision import transforms as T
 
-    return T.Compose([T.Resize(RESIZE), T.RandomCrop(CROP), T.RandomHorizontalFlip(), *_to_input()])
+    return T.Compose([T.Resize(resize_for(crop)), T.RandomCrop(crop), T.RandomHorizontalFlip(), *_to_input()])
 
 
-def eval_transform() -> Callable:
+def eval_transform(crop: int = CROP) -> Callable:
     from torchvision import transforms as T
 
-    return T.Compose([T.Resize(RESIZE), T.CenterCrop(CROP), *_to_input()])
+    return T.Compose([T.Resize(resize_for(crop)), T.CenterCrop(crop), *_to_input()])
 
 
-def dense_transform() -> Callable:
+def dense_transform(crop: int = CROP) -> Callable:
     from torchvision import transforms as T
 
-    return T.Compose([T.Resize(RESIZE), *_to_input()])
+    return T.Compose([T.Resize(resize_for(crop)), *_to_input()])
 
 
 def _to_input() -> list[Callable]:
@@ -133,12 +140,12 @@ def build(cfg: DataConfig, seed: int) -> DataBundle:
     eval_y = torch.tensor(eval_labels, dtype=torch.int64)
 
     return DataBundle(
-        train=ImageFiles(paths, torch.where(keep, labels, -1), train_transform()),
-        val=ImageFiles(eval_paths, eval_y, eval_transform()),
-        train_eval=ImageFiles(paths, labels, eval_transform()),
+        train=ImageFiles(paths, torch.where(keep, labels, -1), train_transform(cfg.crop)),
+        val=ImageFiles(eval_paths, eval_y, eval_transform(cfg.crop)),
+        train_eval=ImageFiles(paths, labels, eval_transform(cfg.crop)),
         num_classes=len(classes),
         in_channels=3,
-        image_size=CROP,
+        image_size=cfg.crop,
         mean=IMAGENET_MEAN,
         identity=data_identity(
             NAME,
@@ -147,6 +154,7 @@ def build(cfg: DataConfig, seed: int) -> DataBundle:
             subset=cfg.subset,
             labeled_fraction=cfg.labeled_fraction,
             eval_on=cfg.eval_on,
+            **({"crop": cfg.crop} if cfg.crop != CROP else {}),
         ),
-        dense_val=ImageFiles(eval_paths, eval_y, dense_transform(), variable_size=True),
+        dense_val=ImageFiles(eval_paths, eval_y, dense_transform(cfg.crop), variable_size=True),
     )

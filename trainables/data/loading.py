@@ -4,13 +4,18 @@ For `InMemoryImages` (or a `torch.utils.data.Subset` of one) the sampler yields 
 slices of one permutation per epoch, and the dataset's `batch()` builds each batch with one tensor
 index instead of collating B items.
 Shuffling and augmentation are both seeded from `seed`, also with worker processes (each worker
-reseeds its augmentation generator from the seed DataLoader gives it). Other datasets get an
-ordinary DataLoader with a seeded shuffle; their random transforms use torch's global RNG, which
-DataLoader seeds in worker processes but not in the main one (num_workers=0).
+reseeds its augmentation generator from the seed DataLoader gives it).
+
+Other (file-backed) datasets get a DataLoader with a seeded shuffle whose items are decoded in
+`num_workers` processes, `prefetch_factor` batches ahead each, into pinned memory when asked (for
+CUDA copies with non_blocking=True). Their random transforms draw from torch's RNG re-seeded for every
+item from (seed, index): the images of an epoch do not depend on the number of worker processes nor on
+which process decodes which item, and the caller's RNG is left untouched.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -65,6 +70,21 @@ def _as_is(batch):
     return batch
 
 
+class _SeededItems(Dataset):
+    """Item i of `base`, its random transforms drawn from torch's RNG seeded from (seed, i) (caller's RNG kept)."""
+
+    def __init__(self, base: Dataset, seed: int):
+        self.base, self.seed = base, seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + int(index)) % 2**63)
+            return self.base[index]
+
+
 def _in_memory(dataset: Dataset) -> tuple[InMemoryImages, torch.Tensor | None] | None:
     """The InMemoryImages under `dataset` (through nested Subsets) and the index map into it."""
     index_map = None
@@ -75,6 +95,12 @@ def _in_memory(dataset: Dataset) -> tuple[InMemoryImages, torch.Tensor | None] |
     return (dataset, index_map) if isinstance(dataset, InMemoryImages) else None
 
 
+def decode_workers(dataset: Dataset, cpus: float) -> int:
+    """Loader processes for `dataset` on a worker with `cpus` cores: a file-backed dataset decodes in cpus - 1
+    processes (one core stays with the training process); an in-memory one needs none."""
+    return 0 if _in_memory(dataset) is not None else max(0, math.floor(cpus) - 1)
+
+
 def loader(
     dataset: Dataset,
     batch_size: int,
@@ -83,6 +109,8 @@ def loader(
     num_workers: int = 0,
     *,
     drop_last: bool = False,
+    pin_memory: bool = False,
+    prefetch_factor: int = 4,
 ) -> DataLoader:
     """Batches (x: float32 B x C x H x W, y: int64 B); each epoch visits every index once."""
     innermost = dataset
@@ -94,14 +122,17 @@ def loader(
     persistent = num_workers > 0
     found = _in_memory(dataset)
     if found is None:
+        item_seed = int(torch.randint(2**62, (1,), generator=generator))
         return DataLoader(
-            dataset,
+            _SeededItems(dataset, item_seed),
             batch_size=batch_size,
             shuffle=shuffle,
             generator=generator,
             num_workers=num_workers,
             drop_last=drop_last,
             persistent_workers=persistent,
+            pin_memory=pin_memory,
+            prefetch_factor=prefetch_factor if num_workers > 0 else None,
         )
     base, index_map = found
     augment_seed = int(torch.randint(2**62, (1,), generator=generator))
@@ -115,4 +146,5 @@ def loader(
         worker_init_fn=_reseed_worker if num_workers > 0 else None,
         generator=generator,
         persistent_workers=persistent,
+        pin_memory=pin_memory,
     )

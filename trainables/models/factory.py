@@ -14,7 +14,7 @@ from torch import nn
 from .augmented import AugmentedClassifier
 from .decoders import DECODERS, PLACEMENTS, DecodingPathway
 from .skip_ae import SkipAEConfig, SkipAutoencoder
-from .vgg import VGG_CONFIGS, load_pretrained_vgg16, vgg
+from .vgg import TORCHVISION_IMAGENET_STD, VGG_CONFIGS, load_pretrained_vgg16, vgg
 
 PAPER_VARIANTS = ("baseline",) + tuple(f"{d}-{p}" for d in DECODERS for p in PLACEMENTS)
 SKIP_VARIANTS = ("skipae", "skipae-scratch")
@@ -89,6 +89,7 @@ def create_model(config: ModelConfig | dict) -> nn.Module:
         if cfg.encoder != "vgg16":
             raise ValueError(f"pretrained weights exist for encoder 'vgg16' only, not {cfg.encoder!r}")
         load_pretrained_vgg16(encoder, cfg.pretrained)
+        encoder.expect_input_std(TORCHVISION_IMAGENET_STD)  # the weights' own input scale (targets stay unscaled)
     pathway = None
     if decoder != "none":
         pathway = DecodingPathway(encoder.block_convs, decoder, placement, cfg.unpool_offset)

@@ -4,6 +4,10 @@ A macro-layer is a run of 3x3 conv + ReLU followed by 2x2/stride-2 max pooling. 
 module layout (`features` as one flat Sequential, `avgpool`, `classifier`), so a torchvision `vgg16` state dict
 loads into `VGG("vgg16")` unchanged, while `forward_features` exposes every pooled activation and its pooling
 switches (argmax indices) for the decoding pathways.
+
+Inputs are pixel/255 minus the channel mean (what the decoders reconstruct, as in the paper). torchvision's ImageNet
+weights also divide by a channel std: a model built for them (`expect_input_std`) divides its input by that std
+before the first convolution, so it sees exactly what `VGG16_Weights.IMAGENET1K_V1.transforms()` would give it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ class VGGConfig:
     avgpool: int | None = None  # adaptive average pool size before the head (torchvision VGG: 7); None = flatten as is
     dropout: float = 0.5  # dropout after each hidden fc layer (torchvision VGG: 0.5)
 
+
+# The std torchvision's ImageNet weights were trained with: their input is (pixel/255 - mean) / std.
+TORCHVISION_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 VGG_CONFIGS: dict[str, VGGConfig] = {
     # Model D of Simonyan & Zisserman; torchvision's vgg16 layout, index for index.
@@ -80,6 +87,15 @@ class VGG(nn.Module):
         self.top_size = config.avgpool or size
         self.avgpool = nn.AdaptiveAvgPool2d(config.avgpool) if config.avgpool else nn.Identity()
         self.classifier = self._make_head(num_classes)
+        # 1/std per input channel (None: inputs used as given); not in the state dict, so torchvision's loads as is.
+        self.register_buffer("input_scale", None, persistent=False)
+
+    def expect_input_std(self, std: tuple[float, ...]) -> None:
+        """Divide inputs by `std` per channel before the first convolution (weights trained on std-scaled inputs)."""
+        if len(std) != self.in_channels:
+            raise ValueError(f"input std has {len(std)} channels, the model {self.in_channels}")
+        scale = 1.0 / torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.input_scale = scale.to(next(self.parameters()).device)
 
     def _make_head(self, num_classes: int) -> nn.Sequential:
         head: list[nn.Module] = []
@@ -100,6 +116,8 @@ class VGG(nn.Module):
         return self.features[start : self._pool_index[k - 1] + 1]
 
     def forward_features(self, x: torch.Tensor) -> Features:
+        if self.input_scale is not None:
+            x = x * self.input_scale.to(x.dtype)
         pooled, switches, sizes = [], [], []
         for k in range(1, self.num_macro_layers + 1):
             layers = self.macro_layer(k)
@@ -187,15 +205,23 @@ def load_torchvision_state(model: VGG, state: dict[str, torch.Tensor] | str) -> 
 
 def load_pretrained_vgg16(model: VGG, weights: str) -> VGG:
     """Initialise `model` (a `vgg16`) from torchvision weights: a local `.pth` path, or a torchvision weights enum
-    name such as "IMAGENET1K_V1" (downloaded by torchvision into its cache on first use)."""
+    name such as "IMAGENET1K_V1" (downloaded by torchvision into its cache on first use). A model for another number
+    of classes than the weights' keeps its own (freshly initialised) last layer."""
     if weights.endswith((".pth", ".pt")):
-        return load_torchvision_state(model, weights)
-    from torchvision.models import VGG16_Weights
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    else:
+        from torchvision.models import VGG16_Weights
 
-    try:
-        enum = VGG16_Weights[weights]
-    except KeyError:
-        raise ValueError(
-            f"unknown torchvision weights {weights!r}; use a .pth path or one of {[w.name for w in VGG16_Weights]}"
-        ) from None
-    return load_torchvision_state(model, enum.get_state_dict(progress=False))
+        try:
+            enum = VGG16_Weights[weights]
+        except KeyError:
+            raise ValueError(
+                f"unknown torchvision weights {weights!r}; use a .pth path or one of {[w.name for w in VGG16_Weights]}"
+            ) from None
+        state = enum.get_state_dict(progress=False)
+    last = f"classifier.{len(model.classifier) - 1}"
+    if model.num_classes != state[f"{last}.weight"].shape[0]:
+        # Another number of classes than the weights': everything but the last layer (kept freshly initialised).
+        own = model.state_dict()
+        state = {**state, f"{last}.weight": own[f"{last}.weight"], f"{last}.bias": own[f"{last}.bias"]}
+    return load_torchvision_state(model, state)

@@ -24,9 +24,12 @@ import torch
 
 from ..data import DataBundle
 from ..models import create_model
+from ..semantics import SEMANTICS_VERSION
+from .balance import start_of_finetuning
 from .evaluate import final_metrics, topk_errors
 from .keys import stage_key
 from .loop import Runtime, derive_seed, make_optimizer, prepare, run_epochs, unwrap
+from .lr_probe import resolve_lr
 from .precision import RESOLVED
 from .procedure import Stage
 from .store import CorruptEntry, StageStore
@@ -43,14 +46,15 @@ class PlannedStage:
     precision: str = "fp32"  # resolved (precision.resolve_precision): the stage trains in it; part of its key
 
 
-def plan(stages: list[Stage], data_identity: str, seed: int, precision: str = "fp32") -> list[PlannedStage]:
+def plan(stages: list[Stage], data_identity: str, seed: int, precision: str = "fp32",
+         semantics: int = SEMANTICS_VERSION) -> list[PlannedStage]:
     """Keys for a chain of stages, root first: each key hashes the stage and its precision, its parent's key, the
-    data and the seed."""
+    data, the seed and the code-semantics version."""
     if precision not in RESOLVED:
         raise ValueError(f"plan: precision {precision!r} is not resolved (expected one of {', '.join(RESOLVED)})")
     planned, parent = [], None
     for stage in stages:
-        key = stage_key(stage.kind, {**stage.describe(), "precision": precision}, parent, data_identity, seed)
+        key = stage_key(stage.kind, {**stage.describe(), "precision": precision}, parent, data_identity, seed, semantics)
         planned.append(PlannedStage(stage, key, parent, precision))
         parent = key
     return planned
@@ -115,12 +119,16 @@ def run_stage(
     `resume` is a checkpoint state from `on_epoch`'s `state()`: {"epoch", "model", "optimizer", "history"}.
     `wrap` lets the caller put the prepared model under DDP. Non-publishing workers (rank > 0) train and return {}.
     """
-    stage = planned.stage
     runtime = replace(runtime, precision=planned.precision)  # the precision its key was computed with
-    model = build_model(planned, store, seed)
+    model = prepare(build_model(planned, store, seed), planned.stage, runtime)
+    # Settled from the starting model and the seed alone (so a resumed run settles the same): lr "auto" rates,
+    # balanced loss weights; the settled stage is what trains and what the record shows.
+    stage, settled = resolve_lr(model, planned.stage, data, runtime.device, seed)
+    stage, start = start_of_finetuning(model, stage, data, runtime.device, seed)
+    settled.update(start)
     if resume is not None:
         model.load_state_dict(resume["model"])
-    model = wrap(prepare(model, stage, runtime))
+    model = wrap(model)
     optimizer = make_optimizer(unwrap(model), stage)
     history: list[dict] = list(resume["history"]) if resume else []
     if resume is not None:
@@ -142,10 +150,37 @@ def run_stage(
     if not publish:
         return {}
     final, arrays = final_metrics(unwrap(model), data, runtime.device, stage.kind in DECODER_KINDS and stage.weights != ())
+    final.update(settled)
+    if history and stage.ce:  # each weighted term's share of the loss over the last epoch
+        final.update({f"loss_share_end_{k.removeprefix('loss_share_')}": v for k, v in history[-1].items()
+                      if k.startswith("loss_share_")})
     with tempfile.TemporaryDirectory() as tmp:
-        write_entry(tmp, planned, model, final, history, arrays, seed, data.identity, code_version, runtime.world)
+        write_entry(tmp, replace(planned, stage=stage), model, final, history, arrays, seed, data.identity,
+                    code_version, runtime.world)
         store.put(planned.key, tmp, meta={"kind": stage.kind, "variant": stage.model.variant})
     return final
+
+
+def why_recomputed(store: StageStore, chain: list[PlannedStage], data_identity: str, seed: int) -> dict[str, str]:
+    """Why each stage of `chain` that is not usable from the store must be computed, by key:
+    "corrupt in the store", "code semantics version changed (vA -> vB)" (the same stage is stored under an older
+    version), or "not in the store". Stages usable from the store are absent. Reads, never changes, the store."""
+    reasons: dict[str, str] = {}
+    precision = chain[0].precision if chain else "fp32"
+    older = {v: plan([p.stage for p in chain], data_identity, seed, precision, semantics=v)
+             for v in range(SEMANTICS_VERSION - 1, 0, -1)}
+    for i, planned in enumerate(chain):
+        if store.has(planned.key):
+            try:
+                store.get(planned.key)
+                continue
+            except CorruptEntry:
+                reasons[planned.key] = "corrupt in the store"
+                continue
+        stored_as = [v for v, old in older.items() if store.has(old[i].key)]
+        reasons[planned.key] = (f"code semantics version changed (v{stored_as[0]} -> v{SEMANTICS_VERSION})"
+                                if stored_as else "not in the store")
+    return reasons
 
 
 def missing_from(store: StageStore, chain: list[PlannedStage]) -> int:

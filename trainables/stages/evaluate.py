@@ -11,12 +11,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import DataBundle, loader
+from ..data import DataBundle, decode_workers, loader
 
 
 def _batches(dataset, batch_size: int, limit: int | None = None):
     n = 0
-    for x, y in loader(dataset, batch_size, shuffle=False, seed=0):
+    # File-backed data decodes in parallel, sized to this process's threads (a Ray worker's cores).
+    workers = decode_workers(dataset, torch.get_num_threads())
+    for x, y in loader(dataset, batch_size, shuffle=False, seed=0, num_workers=workers):
         if limit is not None and n >= limit:
             return
         yield x[: None if limit is None else limit - n], y[: None if limit is None else limit - n]
@@ -43,16 +45,22 @@ def topk_errors(model: nn.Module, dataset, device, batch_size: int = 512, dense:
 
 @torch.no_grad()
 def reconstruction_errors(model: nn.Module, dataset, device, limit: int = 2048, batch_size: int = 256) -> dict[str, float]:
-    """Mean squared error per element at every level the model reconstructs."""
+    """Mean squared error per element at every level the model reconstructs (`rec_err_<level>`), and the same
+    relative to a zero output's, mean(target^2) (`rec_rel_<level>`: 1 = no better than predicting zeros)."""
     model.eval()
     sums: dict[str, float] = {}
+    zeros: dict[str, float] = {}
     count = 0
     for x, _ in _batches(dataset, batch_size, limit):
         out = model(x.to(device), head=False)
         for lvl, rec in out.recons.items():
             sums[lvl] = sums.get(lvl, 0.0) + float(((rec - out.targets[lvl]) ** 2).mean()) * len(x)
+            zeros[lvl] = zeros.get(lvl, 0.0) + float((out.targets[lvl] ** 2).mean()) * len(x)
         count += len(x)
-    return {f"rec_err_{lvl}": s / count for lvl, s in sums.items()} if count else {}
+    if not count:
+        return {}
+    return {**{f"rec_err_{lvl}": s / count for lvl, s in sums.items()},
+            **{f"rec_rel_{lvl}": s / zeros[lvl] for lvl, s in sums.items() if zeros[lvl] > 0}}
 
 
 @torch.no_grad()

@@ -1,8 +1,9 @@
 """Stage keys: content addresses for stage outputs.
 
 A stage's key is a hash of everything that determines its output -- its kind and resolved config, its parent
-stage's key, the identity of the data and the seed -- so two stages with equal keys are interchangeable and the
-stage store can reuse one for the other, across trials, studies and restarts.
+stage's key, the identity of the data, the seed and the code-semantics version (`trainables.semantics`) -- so
+two stages with equal keys are interchangeable and the stage store can reuse one for the other, across trials,
+studies and restarts.
 
 Guarantees:
 - Same inputs give the same key in any process, on any machine and Python run (canonical JSON: sorted keys, no
@@ -22,6 +23,8 @@ import json
 import re
 from collections.abc import Mapping
 from typing import Any
+
+from ..semantics import SEMANTICS_VERSION
 
 __all__ = ["stage_key", "canonical_json", "KEY_RE"]
 
@@ -65,8 +68,12 @@ def canonical_json(value: Any, path: str = "value") -> str:
                       ensure_ascii=True, allow_nan=True)
 
 
-def stage_key(kind: str, config: Mapping, parent_key: str | None, data_identity: str, seed: int) -> str:
-    """Key of a stage: ``"<kind>-<first 20 hex chars of sha256(canonical inputs)>"``."""
+def stage_key(kind: str, config: Mapping, parent_key: str | None, data_identity: str, seed: int,
+              semantics: int = SEMANTICS_VERSION) -> str:
+    """Key of a stage: ``"<kind>-<first 20 hex chars of sha256(canonical inputs)>"``.
+
+    `semantics` is the code-semantics version; only `why_recomputed` passes an older one (to recognise stages
+    stored by older code)."""
     if not isinstance(kind, str) or not _KIND_RE.match(kind):
         raise ValueError(f"kind must be a non-empty string of letters, digits and '_', got {kind!r}")
     if not isinstance(config, Mapping):
@@ -84,6 +91,7 @@ def stage_key(kind: str, config: Mapping, parent_key: str | None, data_identity:
         "parent": parent_key,
         "data": data_identity,
         "seed": int(seed),
+        "semantics": int(semantics),
     }
     digest = hashlib.sha256(canonical_json(payload, "stage").encode("ascii")).hexdigest()
     return f"{kind}-{digest[:_DIGEST_CHARS]}"

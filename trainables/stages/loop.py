@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,10 +39,27 @@ class Runtime:
     rank: int = 0  # this worker's rank among `world` data-parallel workers
     world: int = 1
     eval_batch_size: int = 512
+    loader_workers: int = 0  # decoding processes for file-backed datasets (0 = in this process); no effect on results
+
+
+def set_deterministic(on: bool) -> None:
+    """torch's deterministic algorithms (and no cuDNN autotuning) for this process, or torch's defaults.
+
+    On CUDA this makes a run repeatable bit for bit on the same GPU model, driver and library versions, at some
+    speed cost; cuBLAS needs CUBLAS_WORKSPACE_CONFIG set before its first use (done here). An operation without a
+    deterministic implementation warns (warn_only) rather than failing the run. CPU runs are repeatable without it.
+    """
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.backends.cudnn.benchmark = not on and torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic = on
 
 
 def make_optimizer(model: nn.Module, stage: Stage) -> torch.optim.Optimizer:
     opt = stage.settings.optimizer
+    if not isinstance(opt.lr, float):
+        raise ValueError(f"stage {stage.kind!r}: lr {opt.lr!r} must be resolved to rates first (lr_probe.resolve_lr)")
     groups = optimizer_groups(model, stage.train, opt.lr, dict(opt.group_lrs))
     if opt.name == "sgd":
         return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
@@ -66,17 +84,39 @@ def batch_losses(model: nn.Module, stage: Stage, x: torch.Tensor, y: torch.Tenso
     if ce is not None:
         logged["loss_ce"] = ce.detach()
     logged.update({f"loss_rec_{lvl}": t.detach() for lvl, t in terms.items()})
+    weights = dict(stage.weights)
+    logged.update({f"loss_share_{lvl}": (weights[lvl] * t / loss).detach() for lvl, t in terms.items()})
     return loss, logged
+
+
+def rank_indices(n: int, batch_size: int, world: int, rank: int, generator: torch.Generator) -> torch.Tensor:
+    """This rank's examples of one epoch under data parallelism, in step order.
+
+    One permutation of the n examples (the same on every rank), cut into n // batch_size global batches of exactly
+    batch_size (the incomplete last one is dropped); rank r takes positions r, r + world, ... of each. Every rank
+    gets the same number of steps (unequal counts would hang DDP's all-reduce) and the global batch is exact.
+    """
+    if batch_size % world:
+        raise ValueError(f"batch_size {batch_size} is not a multiple of the {world} data-parallel workers")
+    steps = n // batch_size
+    if steps == 0:
+        raise ValueError(f"{n} training examples make no global batch of {batch_size}: lower batch_size")
+    order = torch.randperm(n, generator=generator)[: steps * batch_size].view(steps, batch_size)
+    return order[:, rank::world].reshape(-1)
 
 
 def train_epoch(model, stage: Stage, data: DataBundle, optimizer, runtime: Runtime, seed: int, epoch: int) -> dict:
     torch.manual_seed(derive_seed(seed, stage.kind, "epoch", epoch))
-    train = data.train
-    if runtime.world > 1:  # static shard per rank; every rank shuffles its own shard
-        train = torch.utils.data.Subset(train, list(range(runtime.rank, len(train), runtime.world)))
-    batches = loader(train, max(1, stage.settings.batch_size // runtime.world), shuffle=True,
-                     seed=derive_seed(seed, stage.kind, "order", epoch, runtime.rank))
-    device = torch.device(runtime.device)
+    batch_size, device = stage.settings.batch_size, torch.device(runtime.device)
+    common = dict(num_workers=runtime.loader_workers, pin_memory=device.type == "cuda")
+    if runtime.world > 1:
+        order = torch.Generator().manual_seed(derive_seed(seed, stage.kind, "order", epoch))
+        mine = rank_indices(len(data.train), batch_size, runtime.world, runtime.rank, order)
+        batches = loader(torch.utils.data.Subset(data.train, mine.tolist()), batch_size // runtime.world,
+                         shuffle=False, seed=derive_seed(seed, stage.kind, "augment", epoch, runtime.rank), **common)
+    else:
+        batches = loader(data.train, batch_size, shuffle=True, seed=derive_seed(seed, stage.kind, "order", epoch, 0),
+                         **common)
     autocast = precision_autocast(runtime.precision, device)
     model.train()
     sums: dict[str, torch.Tensor] = {}

@@ -24,9 +24,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..data import DataConfig, build_data
+from ..data import DataConfig, build_data, decode_workers
 from .chain import PlannedStage, missing_from, run_stage
-from .loop import Runtime
+from .loop import Runtime, set_deterministic
 from .precision import resolve_channels_last
 from .store import StageStore
 
@@ -42,6 +42,7 @@ class Scaling:
     gpus_per_worker: float = 0.0  # > 0 trains on CUDA
     channels_last: bool | str = "auto"  # NHWC convolutions: True | False | "auto" (resolved on the worker's device)
     max_failures: int = 2  # worker failures a run recovers from (from its last checkpoint)
+    deterministic: bool = False  # torch deterministic algorithms (see loop.set_deterministic)
 
 
 @dataclass(frozen=True)
@@ -71,11 +72,12 @@ def _worker(job: SegmentJob) -> None:
     # once torch has started its thread pool).
     torch.set_num_threads(max(1, math.floor(job.scaling.cpus_per_worker)))
     device = ray.train.torch.get_device() if job.scaling.gpus_per_worker > 0 else torch.device("cpu")
-    # The precision is the planned stage's own (it is part of its key); the layout is resolved here, on the device.
-    runtime = Runtime(device=str(device), channels_last=resolve_channels_last(job.scaling.channels_last, device),
-                      rank=rank, world=world)
+    set_deterministic(job.scaling.deterministic)
     store = StageStore(job.store_uri)
     data = build_data(job.data, job.seed)
+    # The precision is the planned stage's own (it is part of its key); the layout is resolved here, on the device.
+    runtime = Runtime(device=str(device), channels_last=resolve_channels_last(job.scaling.channels_last, device),
+                      rank=rank, world=world, loader_workers=decode_workers(data.train, job.scaling.cpus_per_worker))
 
     resume, first = None, 0
     checkpoint = ray.train.get_checkpoint()  # [ray] resume after a failure or a launcher restart

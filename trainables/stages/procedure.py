@@ -24,19 +24,27 @@ from ..models.vgg import VGG_CONFIGS
 KINDS = ("classifier", "layerwise", "topdown", "finetune", "pretrain")
 
 
+AUTO = "auto"
+
+
 @dataclass(frozen=True)
 class OptimizerConfig:
     name: str = "sgd"  # sgd | adam
-    lr: float = 0.01  # base learning rate
+    lr: float | str = 0.01  # base learning rate, or "auto": chosen per decoder block by short probes (lr_probe.py)
     momentum: float = 0.9  # SGD momentum (ignored by adam)
     weight_decay: float = 0.0  # L2 penalty on every trained parameter
     group_lrs: tuple[tuple[str, float], ...] = ()  # (group pattern, lr) overrides, e.g. (("decoder1", 1e-3),)
+    lr_grid: tuple[float, ...] = ()  # lr "auto": the rates probed (the paper: largest loss drop wins)
+    probe_steps: int = 0  # lr "auto": optimizer steps of each probe (the paper: 2000 iterations)
 
     def __post_init__(self):
         if self.name not in ("sgd", "adam"):
             raise ValueError(f"unknown optimizer {self.name!r}; known: sgd, adam")
-        if self.lr <= 0:
-            raise ValueError(f"learning rate must be > 0, got {self.lr}")
+        if self.lr == AUTO:
+            if not self.lr_grid or any(r <= 0 for r in self.lr_grid) or self.probe_steps < 1:
+                raise ValueError("lr 'auto' needs lr_grid (rates > 0) and probe_steps >= 1")
+        elif isinstance(self.lr, str) or self.lr <= 0:
+            raise ValueError(f"learning rate must be > 0 or 'auto', got {self.lr!r}")
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,10 @@ class Stage:
     detach_targets: bool  # stop gradients into reconstruction targets
     noisy: bool  # corrupt inputs (denoising pre-training)
     settings: StageSettings
+    # Target share of the total loss per level ((level, share), ...): the weights are then set at the stage's start
+    # from the terms measured on its first `balance_batches` batches (balance.py); () = `weights` as given.
+    balance: tuple[tuple[str, float], ...] = ()
+    balance_batches: int = 0
 
     @property
     def levels(self) -> list[str]:
@@ -77,6 +89,9 @@ class LossConfig:
     form: str = "euclidean"  # euclidean (the released code) | mse
     detach_targets: bool = False  # the paper lets gradients flow into both sides
     decoder_form: str = "mse"  # loss form while training decoders alone (layerwise, topdown stages)
+    balance: str = "fixed"  # fixed: `weights` as given | auto: weights set from the first batches' magnitudes
+    target_share: tuple[tuple[str, float], ...] | float = 0.1  # auto: share of the total loss per level (or one for all)
+    balance_batches: int = 4  # auto: batches measured at the start of fine-tuning
 
 
 def depth_of(model: ModelConfig) -> int:
@@ -121,7 +136,8 @@ def procedure(
                      loss.detach_targets, noisy, get(kind))
 
     if decoder == "skip":
-        finetune = stage("finetune", model.variant, ["*"], True)
+        # The classifier does not use the decoder: it does not train (DDP refuses parameters without gradients).
+        finetune = stage("finetune", model.variant, ["encoder", "head"], True)
         if model.variant == "skipae-scratch":
             return [finetune]
         pretrain = stage("pretrain", model.variant, ["encoder", "decoder"], False, [("image", 1.0)],
@@ -129,6 +145,8 @@ def procedure(
         return [pretrain, finetune]
 
     depth = depth_of(model)
+    levels = placement_levels(placement, depth) if decoder != "none" else []
+    balance = _balance(levels, loss)
     # The classifier stage is shared by all 7 models: it never depends on the variant.
     chain = [stage("classifier", "baseline", ["*"], True)]
     if decoder == "none":
@@ -139,5 +157,23 @@ def procedure(
     if placement != "layerwise":
         chain.append(stage("topdown", model.variant, ["decoder*"], False,
                            unit(placement_levels(placement, depth)), form=loss.decoder_form))
-    chain.append(stage("finetune", model.variant, ["*"], True, _weights(placement_levels(placement, depth), loss)))
+    finetune = stage("finetune", model.variant, ["*"], True,
+                     [(lvl, 0.0) for lvl in levels] if balance else _weights(levels, loss))
+    chain.append(replace(finetune, balance=balance, balance_batches=loss.balance_batches if balance else 0))
     return chain
+
+
+def _balance(levels: list[str], loss: LossConfig) -> tuple[tuple[str, float], ...]:
+    """Target shares per level when the fine-tuning weights are balanced automatically; () for fixed weights."""
+    if loss.balance == "fixed" or not levels:
+        return ()
+    if loss.balance != AUTO:
+        raise ValueError(f"unknown loss balance {loss.balance!r}; known: fixed, auto")
+    shares = dict(loss.target_share) if isinstance(loss.target_share, tuple) else dict.fromkeys(levels, loss.target_share)
+    missing = [lvl for lvl in levels if lvl not in shares]
+    if missing:
+        raise ValueError(f"loss.target_share gives no share for level(s) {missing}")
+    out = tuple((lvl, float(shares[lvl])) for lvl in levels)
+    if any(s <= 0 for _, s in out) or sum(s for _, s in out) >= 1:
+        raise ValueError(f"target shares must be > 0 and sum to < 1 (the rest is cross-entropy), got {dict(out)}")
+    return out
