@@ -116,7 +116,8 @@ def write_study(
     Each trial mapping has `model`, `seed`, the final metrics it should report (any of FINAL_METRICS)
     and optionally: `trial_id`, `status` ("FINISHED"/"FAILED"), `params` (extra hyperparameters),
     `val_curve` (the fine-tuning val_top1_err per epoch; it should end at val_top1_err), `invert`
-    ({k: invert_err_pool<k>}), `loss_curve`. Stages that several trials share (same seed, same
+    ({k: invert_err_pool<k>}), `loss_curve`, `predictions` (arrays of the final stage's eval/predictions.npz)
+    and `stage_predictions` ({stage: arrays}, for the stages this trial computes). Stages that several trials share (same seed, same
     upstream recipe) are written as reused runs with the same stage_key, as the stage store would.
     """
     client = MlflowClient(tracking_uri)
@@ -229,6 +230,11 @@ def _write_stage(client, exp_id, trial_rid, trial, stage, key, reused, is_last, 
     metrics += [Metric(k, float(v), ts + n_ep, n_ep) for k, v in last.items()]
     # A reused stage reports what the stage store holds: the metrics of the run that computed it.
     metrics = computed.setdefault(key, metrics) if not is_last else metrics
+    predictions = trial.get("predictions") if is_last else (trial.get("stage_predictions") or {}).get(stage)
+    if predictions is not None and not reused:
+        path = tmp / "predictions.npz"
+        np.savez_compressed(path, **predictions)
+        client.log_artifact(rid, str(path), artifact_path="eval")
     for i in range(0, len(metrics), 900):
         client.log_batch(rid, metrics=metrics[i : i + 900])
     if artifacts:

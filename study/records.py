@@ -24,7 +24,7 @@ import numpy as np
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from ray import tune  # [ray] the callback interface
 
-from trainables.stages.chain import INVERT_FILE, RECORD_FILE
+from trainables.stages.chain import INVERT_FILE, PREDICTIONS_FILE, RECORD_FILE
 from trainables.stages.store import StageStore
 
 FINAL_KEYS = ("train_top1_err", "train_top5_err", "val_top1_err", "val_top5_err",
@@ -220,6 +220,9 @@ class MlflowRecorder(tune.Callback):
                     f.write(invert_grid_png(arrays))
                 np.savez_compressed(os.path.join(tmp, "invert.npz"), **arrays)
                 self.client.log_artifacts(run_id, tmp, "recon")
+        predictions = os.path.join(entry.path, PREDICTIONS_FILE)
+        if os.path.exists(predictions):  # per-image outcomes, for the analysis' image-level pairing
+            self.client.log_artifact(run_id, predictions, "eval")
         self.client.set_terminated(run_id, "FINISHED")
 
     def _logged_epochs(self, run_id: str) -> set[int]:
