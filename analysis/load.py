@@ -43,6 +43,7 @@ class StudyRuns(NamedTuple):
     trials: pd.DataFrame  # one row per trial: tags, `params.<name>` columns, final metrics
     stages: pd.DataFrame  # one row per trial x stage: tags, final metrics (rec_err_*, invert_err_*, ...)
     curves: pd.DataFrame  # one row per trial x stage x metric x epoch (step)
+    study_params: dict | None = None  # params of the study run (e.g. eval_on, labeled_fraction); None if no study run
 
     def inversion(self, stage_run_id: str) -> dict[str, np.ndarray]:
         """The arrays of `recon/invert.npz` of a decoder stage run (see `load_inversion`)."""
@@ -169,6 +170,7 @@ def load_study(tracking_uri: str, study: str, *, curves: bool = True, max_worker
     exp_id = experiment.experiment_id
     study_runs = _search(client, exp_id, "study")
     study_run_id = study_runs[-1].info.run_id if study_runs else None
+    study_params = dict(study_runs[-1].data.params) if study_runs else None
 
     trial_runs = _search(client, exp_id, "trial")
     trials = pd.DataFrame([_trial_row(r) for r in trial_runs]) if trial_runs else pd.DataFrame(columns=TRIAL_COLUMNS)
@@ -201,7 +203,7 @@ def load_study(tracking_uri: str, study: str, *, curves: bool = True, max_worker
     stages = _sorted(stages, ["stage"])
 
     curve_frame = _curves(client, stages, max_workers) if curves else pd.DataFrame(columns=CURVE_COLUMNS)
-    return StudyRuns(study, tracking_uri, exp_id, study_run_id, trials, stages, curve_frame)
+    return StudyRuns(study, tracking_uri, exp_id, study_run_id, trials, stages, curve_frame, study_params)
 
 
 def _curves(client: MlflowClient, stages: pd.DataFrame, max_workers: int) -> pd.DataFrame:

@@ -286,6 +286,14 @@ def _summary_html(runs: StudyRuns, baseline: str) -> str:
         f"{now:%Y-%m-%d %H:%M} UTC from <code>{html.escape(runs.tracking_uri)}</code> "
         f"(experiment {html.escape(runs.experiment_id)}).</p>",
     ]  # fmt: skip
+    params = runs.study_params or {}
+    if params.get("eval_on") == "test":
+        lines.append("<p class='warn'>This study evaluates on the <b>test split</b> (data.eval_on: test): every "
+                     "'val' number below is a test-split error, of configurations fixed before the study (a search "
+                     "cannot run with eval_on: test, so nothing was selected on it).</p>")
+    if params.get("labeled_fraction") not in (None, "1.0", "1"):
+        lines.append(f"<p class='meta'>Labels on {html.escape(str(params['labeled_fraction']))} of the training "
+                     "split: training errors count the labeled examples only.</p>")
     if n == 0:
         lines.append("<p class='warn'>No trials recorded yet: start the study, then regenerate this report.</p>")
     failed = t[t["status"] == "FAILED"] if n else t

@@ -58,13 +58,14 @@ def invert_grid_png(arrays: dict[str, np.ndarray]) -> bytes:
 
 class MlflowRecorder(tune.Callback):
     def __init__(self, tracking_uri: str, experiment: str, artifact_location: str, store_uri: str,
-                 study_params: dict, spec_text: str):
+                 study_params: dict, spec_text: str, optuna_storage: str | None = None):
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.artifact_location = artifact_location
         self.store_uri = store_uri
         self.study_params = study_params
         self.spec_text = spec_text
+        self.optuna_storage = optuna_storage  # an Optuna search's storage: trial runs and Optuna trials link both ways
         self._trial_runs: dict[tuple[str, int], str] = {}
         self._stage_runs: dict[tuple[str, int, str], str] = {}
         self._current_seed: dict[str, int] = {}
@@ -75,11 +76,12 @@ class MlflowRecorder(tune.Callback):
     # -- setup ---------------------------------------------------------------------------------------------
     def __getstate__(self):
         """Tune pickles its callbacks with the experiment state: keep only the configuration."""
-        keep = ("tracking_uri", "experiment", "artifact_location", "store_uri", "study_params", "spec_text")
+        keep = ("tracking_uri", "experiment", "artifact_location", "store_uri", "study_params", "spec_text",
+                "optuna_storage")
         return {k: self.__dict__[k] for k in keep}
 
     def __setstate__(self, state):
-        self.__init__(**state)
+        self.__init__(**{"optuna_storage": None, **state})
 
     def setup(self, **info):
         """Called by Tune when a run (or a resumed run) starts."""
@@ -133,6 +135,12 @@ class MlflowRecorder(tune.Callback):
             params = json.loads(event.get("params_json", "{}"))
             params["seed"] = seed
             self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
+            if self.optuna_storage:
+                from .search import link_trial
+
+                number = link_trial(self.optuna_storage, self.experiment, trial_id, seed, run_id)
+                if number is not None:
+                    self.client.set_tag(run_id, "optuna_trial_number", str(number))
         self._trial_runs[key] = run_id
         return run_id
 
@@ -167,6 +175,8 @@ class MlflowRecorder(tune.Callback):
             self._trial_run(trial_id, int(result["seed"]), result)
             return
         seed = int(result.get("seed", self._current_seed.get(trial_id, trial.config.get("seed", 0))))
+        if event == "epoch" and result.get("replayed"):
+            return  # a stored stage's curve, replayed for the scheduler: stage_done logs it from the store
         if event == "epoch":
             run_id = self._stage_run(trial_id, seed, result["stage_key"], result["stage"])
             step = int(result["epoch"])
@@ -185,6 +195,7 @@ class MlflowRecorder(tune.Callback):
             now = int(time.time() * 1000)
             metrics = {k: v for k, v in numeric(result).items() if k in FINAL_KEYS}
             self.client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+            self.client.set_tag(run_id, "trial_state", "COMPLETE")
             self.client.set_terminated(run_id, "FINISHED")
 
     def _stage_done(self, trial_id: str, seed: int, result: dict) -> None:
@@ -244,6 +255,7 @@ class MlflowRecorder(tune.Callback):
             with open(trial.error_file) as f:
                 error = f.read()[-4000:]
         self.client.set_tag(run_id, "status_detail", error or "trial failed")
+        self.client.set_tag(run_id, "trial_state", "FAIL")
         self.client.set_terminated(run_id, "FAILED")
         for (tid, s, _), stage_run in self._stage_runs.items():
             if tid == trial.trial_id and self.client.get_run(stage_run).info.status == "RUNNING":
@@ -254,6 +266,7 @@ class MlflowRecorder(tune.Callback):
         for (tid, seed), run_id in self._trial_runs.items():
             if tid == trial.trial_id and self.client.get_run(run_id).info.status == "RUNNING":
                 self.client.set_tag(run_id, "status_detail", "stopped early by the scheduler (ASHA)")
+                self.client.set_tag(run_id, "trial_state", "PRUNED")  # as Optuna records it
                 self.client.set_terminated(run_id, "KILLED")
         for (tid, _, _), stage_run in self._stage_runs.items():
             if tid == trial.trial_id and self.client.get_run(stage_run).info.status == "RUNNING":

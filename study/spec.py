@@ -298,6 +298,10 @@ class StudySpec(Strict):
                            + "; searchable: model, loss.weights.<level>, stages.<kind>.<param>")
         if s.algorithm == "grid" and any(d.type not in ("choice", "grid") for d in s.space.values()):
             out.append("search.algorithm: grid needs every space entry to be of type grid or choice")
+        if self.data.eval_on == "test":
+            out.append("data.eval_on: 'test' in a search would select configurations on the test split; search with "
+                       "eval_on: val (the held-out split), then run the chosen configuration without `search` and "
+                       "with eval_on: test to report its test error")
         if s.scheduler is not None and len(self.seeds) > 1:
             out.append("search.scheduler: ASHA stops trials on one fine-tuning curve; use a single seed with it")
         if s.scheduler is not None and s.algorithm == "grid":
