@@ -18,7 +18,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 
-from analysis.common import PARAM_PREFIX, AnalysisError, model_sort_key
+from analysis.common import PARAM_PREFIX, STAGES, AnalysisError, model_sort_key
 
 INVERT_ARTIFACT = "recon/invert.npz"
 PREDICTIONS_ARTIFACT = "eval/predictions.npz"
@@ -236,7 +236,11 @@ def final_stage_runs(stages: pd.DataFrame, trials: pd.DataFrame) -> dict[tuple[s
     for trial in trials.itertuples():
         keys = [k for k in str(trial.stage_keys or "").split(",") if k]
         mine = stages[stages["trial_run_id"] == trial.run_id]
-        last = mine[mine["stage_key"] == keys[-1]] if keys else mine.iloc[-1:]
+        if keys:
+            last = mine[mine["stage_key"] == keys[-1]]
+        else:  # no stage_keys tag: the stage that comes last in the procedure
+            order = [STAGES.index(s) if s in STAGES else -1 for s in mine["stage"]]
+            last = mine.iloc[[int(np.argmax(order))]] if order else mine
         if len(last):
             out[(trial.model, trial.seed)] = str(last["run_id"].iloc[0])
     return out

@@ -140,7 +140,8 @@ def build_report(runs: StudyRuns, *, baseline: str = "baseline", optuna_storage:
     validation objective, so they are optimistic); the configurations table lists every configuration.
     """
     all_trials, stages = runs.trials, runs.stages
-    searched = bool(varying_params(all_trials))
+    searched = bool(varying_params(all_trials, finished_only=False)) or (runs.study_params or {}).get(
+        "search", "none") != "none"
     configs = configurations(all_trials) if searched else pd.DataFrame()
     best = best_configuration(configs) if searched else None
     trials = best_per_model(finished(all_trials)) if searched else all_trials

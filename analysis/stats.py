@@ -563,9 +563,11 @@ def param_columns(trials: pd.DataFrame) -> list[str]:
     return [c[len(PARAM_PREFIX) :] for c in trials.columns if str(c).startswith(PARAM_PREFIX)]
 
 
-def varying_params(trials: pd.DataFrame, exclude: Sequence[str] = ("seed", "model")) -> list[str]:
-    """Parameters that take more than one value within at least one model (searched, not ablated)."""
-    done = finished(trials)
+def varying_params(trials: pd.DataFrame, exclude: Sequence[str] = ("seed", "model"), finished_only: bool = True
+                   ) -> list[str]:
+    """Parameters that take more than one value within at least one model (searched, not ablated), among the
+    finished trials (or all trials: `finished_only=False`)."""
+    done = finished(trials) if finished_only else trials
     out = []
     for name in param_columns(done):
         if name in exclude:
@@ -651,7 +653,8 @@ def _bins(model, label, x: pd.Series, y: pd.Series, numeric: bool, n_bins: int) 
 
 
 def _config_columns(trials: pd.DataFrame) -> list[str]:
-    return [PARAM_PREFIX + name for name in varying_params(trials)]
+    """The searched parameters: those that vary within a model over all trials (stopped ones included)."""
+    return [PARAM_PREFIX + name for name in varying_params(trials, finished_only=False)]
 
 
 def configurations(trials: pd.DataFrame, objective: str = "val_top1_err") -> pd.DataFrame:

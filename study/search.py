@@ -30,10 +30,14 @@ class EpochOptunaSearch(OptunaSearch):
         return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id not in self._completed_trials:
+            self._report(trial_id, result)
+
+    def _report(self, trial_id: str, result: dict | None) -> None:
         """An intermediate value only for a fine-tuning epoch that measured the objective (first seed's epochs)."""
-        if result.get("event") != "epoch" or result.get("stage") != "finetune":
+        if not result or result.get("event") != "epoch" or result.get("stage") != "finetune":
             return
-        if self.objective_metric not in result or trial_id in self._completed_trials:
+        if self.objective_metric not in result:
             return
         step = int(result["finetune_epoch"])
         seen = self.__dict__.setdefault("_reported", {}).setdefault(trial_id, set())
@@ -46,9 +50,11 @@ class EpochOptunaSearch(OptunaSearch):
         if error or (result and result.get("event") == "trial_end") or trial_id in self._completed_trials:
             super().on_trial_complete(trial_id, result, error)
             return
-        # Stopped by the scheduler before its last result: no final objective, so PRUNED, not COMPLETE.
+        # Stopped by the scheduler before its last result: no final objective, so PRUNED (with the value that
+        # decided it, which Tune hands to the searcher here instead of as a result), not COMPLETE.
         from optuna.trial import TrialState
 
+        self._report(trial_id, result)
         self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
         self._completed_trials.add(trial_id)
 
