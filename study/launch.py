@@ -107,8 +107,8 @@ def _callbacks(spec: StudySpec, paths: StudyPaths, spec_text: str, precision: st
               "search": spec.search.algorithm if spec.search else "none", "objective": spec.objective.metric,
               "store": paths.store_uri, "code_version": code_version(), "precision": precision}
     optuna = paths.optuna_storage if spec.search is not None and spec.search.algorithm == "optuna" else None
-    recorder = MlflowRecorder(paths.tracking_uri, spec.name, paths.artifact_location, paths.store_uri, params, spec_text,
-                              optuna_storage=optuna)
+    recorder = MlflowRecorder(paths.tracking_uri, spec.name, paths.artifact_location, paths.store_uri, params,
+                              spec_text, optuna_storage=optuna)
     epochs = {kind: s.epochs for kind, s in spec.stages.items()}
     return [recorder, Progress(total_trials(spec), epochs)]
 

@@ -51,7 +51,7 @@ class DataSpec(Strict):
     val_size: int | float = 0.1  # held-out validation examples: a count, or a fraction of the training files
     labeled_fraction: Annotated[float, Field(gt=0, le=1)] = 1.0  # share of training examples that keep labels
     augment: bool = False  # random crop (pad 4) + flip on the training split (CIFAR-style)
-    eval_on: Literal["val", "test"] = "val"  # "val" = held-out split; "test" = the official test split (not in a search)
+    eval_on: Literal["val", "test"] = "val"  # "val" = held-out split; "test" = official test split (no search then)
 
     @field_validator("dataset")
     @classmethod
