@@ -240,7 +240,7 @@ def _table_html(frame: pd.DataFrame, text_cols: tuple[str, ...] = ()) -> str:
         for col, value in zip(frame.columns, row):
             text = "" if value is None or (isinstance(value, float) and math.isnan(value)) else value
             if isinstance(text, float):
-                text = f"{text:.2f}"
+                text = f"{text:.2f}" if text == 0 or abs(text) >= 0.01 else f"{text:.3g}"  # e.g. learning rates
             cls = " class='text'" if col in text_cols else ""
             if col == "status":
                 text = _badge(str(text))

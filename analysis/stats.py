@@ -75,7 +75,7 @@ def summarize(trials: pd.DataFrame, metrics: Sequence[str] = ERROR_METRICS) -> p
     for model in ordered_models(done["model"]):
         group = done[done["model"] == model]
         for metric in _present_metrics(done, metrics):
-            ci = mean_ci(group[metric])
+            ci = mean_ci(group.groupby("seed")[metric].mean())  # a seed run twice (a search's repeat) counts once
             rows.append({"model": model, "metric": metric, **ci._asdict(), "single_seed": ci.n == 1})
     return pd.DataFrame(rows, columns=columns)
 
@@ -85,7 +85,7 @@ def paper_table(
 ) -> pd.DataFrame:
     """The results table: one row per model.
 
-    Columns: `model`, `n` (finished trials), `single_seed`, then for each error metric present
+    Columns: `model`, `n` (distinct seeds with a finished trial; repeats on a seed are averaged), `single_seed`, then for each error metric present
     `<metric>_mean`, `<metric>_ci_low`, `<metric>_ci_high` and `<metric>_vs_baseline`
     (mean minus the baseline's mean, in points; NaN when the study has no baseline).
     """
@@ -96,7 +96,7 @@ def paper_table(
     long = summarize(done, present)
     rows = []
     for model in ordered_models(done["model"]):
-        n = int((done["model"] == model).sum())
+        n = int(done.loc[done["model"] == model, "seed"].nunique())
         row: dict = {"model": model, "n": n, "single_seed": n == 1}
         for metric in present:
             s = long[(long["model"] == model) & (long["metric"] == metric)]
@@ -661,12 +661,13 @@ def configurations(trials: pd.DataFrame, objective: str = "val_top1_err") -> pd.
     """A search's results: one row per configuration (model + values of the searched parameters), not per trial.
 
     Columns: config (1-based, in order of first appearance), model, the searched `params.*` columns, n_seeds
-    (finished trials), seeds, states (e.g. "2 COMPLETE, 1 PRUNED"), `<objective>_mean`, `_ci_low`, `_ci_high`
+    (distinct seeds with a finished trial; repeats on a seed are averaged first), seeds, n_trials (all, stopped
+    included), states (e.g. "2 COMPLETE, 1 PRUNED"), `<objective>_mean`, `_ci_low`, `_ci_high`
     (Student t over the configuration's seeds only; NaN with one seed), `train_top1_err_mean` and the Optuna trial
     numbers when recorded. Trials that did not finish count in `states` only.
     """
     cols = _config_columns(trials)
-    base = ["config", "model", *cols, "n_seeds", "seeds", "states", f"{objective}_mean", f"{objective}_ci_low",
+    base = ["config", "model", *cols, "n_seeds", "seeds", "n_trials", "states", f"{objective}_mean", f"{objective}_ci_low",
             f"{objective}_ci_high", "train_top1_err_mean", "optuna_trials"]  # fmt: skip
     if trials.empty or objective not in trials.columns:
         return pd.DataFrame(columns=base)
@@ -674,12 +675,13 @@ def configurations(trials: pd.DataFrame, objective: str = "val_top1_err") -> pd.
     rows = []
     for i, (key, g) in enumerate(keyed.groupby("_key", sort=False), start=1):
         done = finished(g)
-        ci = mean_ci(done[objective]) if len(done) else MeanCI(0, math.nan, math.nan, math.nan, math.nan)
+        per_seed = done.groupby("seed")[objective].mean()  # the same configuration run twice on a seed is one seed
+        ci = mean_ci(per_seed) if len(per_seed) else MeanCI(0, math.nan, math.nan, math.nan, math.nan)
         states = g["trial_state"].replace("", np.nan).fillna(g["status"]) if "trial_state" in g else g["status"]
         numbers = g["optuna_trial_number"].dropna() if "optuna_trial_number" in g else pd.Series(dtype=float)
         rows.append({
             "config": i, "model": g["model"].iloc[0], **{c: g[c].iloc[0] for c in cols}, "n_seeds": ci.n,
-            "seeds": ",".join(map(str, sorted(done["seed"], key=str))),
+            "seeds": ",".join(_seed_text(x) for x in sorted(per_seed.index, key=str)), "n_trials": len(g),
             "states": ", ".join(f"{n} {s}" for s, n in states.value_counts().items()),
             f"{objective}_mean": ci.mean, f"{objective}_ci_low": ci.ci_low, f"{objective}_ci_high": ci.ci_high,
             "train_top1_err_mean": float(done["train_top1_err"].mean()) if "train_top1_err" in done and len(done)
@@ -687,6 +689,10 @@ def configurations(trials: pd.DataFrame, objective: str = "val_top1_err") -> pd.
             "optuna_trials": ",".join(str(int(n)) for n in sorted(set(numbers))),
         })  # fmt: skip
     return pd.DataFrame(rows, columns=base)
+
+
+def _seed_text(seed) -> str:
+    return str(int(seed)) if isinstance(seed, (int, float, np.number)) and float(seed).is_integer() else str(seed)
 
 
 def best_configuration(configs: pd.DataFrame, objective: str = "val_top1_err") -> pd.Series | None:
