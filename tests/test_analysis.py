@@ -275,6 +275,19 @@ def test_regularizes_by_a_smaller_gap_needs_a_training_error_that_is_not_lower()
     assert verdicts(frame(train - 0.1, val))["verdict"].iloc[0] == "lower validation error, mechanism unclear"
 
 
+def test_one_seed_gives_not_enough_seeds_and_never_a_verdict(runs):
+    one = runs.trials[runs.trials["seed"] == 0]
+    v = verdicts(one, images=runs.trial_images())  # per-image outcomes do not make one seed a replication
+    assert (v["verdict"] == "not enough seeds").all() and v["seeds_needed"].isna().all()
+    assert v["val_p"].isna().all()
+    assert all("no verdict" in s for s in v["sentence"])
+    assert mean_ci([1.0]).n == 1 and math.isnan(mean_ci([1.0]).ci_low)  # one value: no interval
+    table = paper_table(one)
+    assert table["single_seed"].all() and table["val_top1_err_ci_low"].isna().all()
+    claims = compare_claims(one).set_index("claim_id")  # and no claim is reproduced or contradicted
+    assert (claims["status"] == "cannot decide").all()
+
+
 def test_holm_matches_hand_computation():
     p = [0.01, 0.04, np.nan, 0.03, 0.005]
     # sorted: 0.005*4=0.02, 0.01*3=0.03, 0.03*2=0.06, 0.04*1=0.04 -> monotone 0.06
