@@ -110,7 +110,12 @@ def _callbacks(spec: StudySpec, paths: StudyPaths, spec_text: str, precision: st
     recorder = MlflowRecorder(paths.tracking_uri, spec.name, paths.artifact_location, paths.store_uri, params,
                               spec_text, optuna_storage=optuna)
     epochs = {kind: s.epochs for kind, s in spec.stages.items()}
-    return [recorder, Progress(total_trials(spec), epochs)]
+    callbacks = [recorder, Progress(total_trials(spec), epochs)]
+    if optuna:
+        from .search import OptunaEpochValues
+
+        callbacks.append(OptunaEpochValues(optuna, spec.name, spec.objective.metric))
+    return callbacks
 
 
 def build_tuner(spec: StudySpec, paths: StudyPaths, spec_text: str, restore: bool):
@@ -141,7 +146,7 @@ def build_tuner(spec: StudySpec, paths: StudyPaths, spec_text: str, restore: boo
         storage = optuna.storages.RDBStorage(paths.optuna_storage)
         sampler = optuna.samplers.TPESampler(seed=s.sampler_seed, constant_liar=True)
         search_alg = EpochOptunaSearch(space=OptunaSpace(spec), metric="objective", mode="min", sampler=sampler,
-                                       study_name=spec.name, storage=storage, objective_metric=spec.objective.metric)
+                                       study_name=spec.name, storage=storage)
         num_samples = s.num_samples
         param_space = {} if len(spec.seeds) > 1 else {"seed": spec.seeds[0]}
     elif spec.search is not None:
