@@ -7,6 +7,7 @@ is given. An empty input gives a figure carrying a clear message, never an excep
 from __future__ import annotations
 
 import textwrap
+import warnings
 from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
@@ -302,13 +303,15 @@ def importance_figure(data: ImportanceData) -> go.Figure:
 # --------------------------------------------------------------------------- invertibility
 
 
-def invertibility_data(stages: pd.DataFrame) -> pd.DataFrame:
-    """Per decoder, stage and depth k: invert_err_pool<k> mean and 95% CI (one value per computed stage)."""
-    return invertibility(stages)
+def invertibility_data(stages: pd.DataFrame, stage_images: Mapping | None = None) -> pd.DataFrame:
+    """Per decoder, stage and depth k: invert_err_pool<k> mean and 95% CI (over images when recorded per image,
+    else over computed stages)."""
+    return invertibility(stages, stage_images)
 
 
 def invertibility_figure(data: pd.DataFrame) -> go.Figure:
-    title = "Invertibility: image MSE when decoding from pool k (mean ± 95% CI)"
+    over = " and ".join(sorted(set(data["over"]))) if "over" in data and len(data) else "seeds"
+    title = f"Invertibility: image MSE when decoding from pool k (mean ± 95% CI over {over})"
     if data.empty:
         return empty_figure(title, "no decoder stages with invert_err_pool<k> metrics yet")
     stages = [s for s in STAGES if s in set(data["stage"])] + sorted(set(data["stage"]) - set(STAGES))
@@ -332,6 +335,43 @@ def invertibility_figure(data: pd.DataFrame) -> go.Figure:
                          row=1, col=col)  # fmt: skip
     fig.update_yaxes(title_text="image MSE per element", row=1, col=1)
     return _layout(fig, title)
+
+
+# --------------------------------------------------------------------------- Optuna's own figures
+
+# (caption, Optuna plotting function name, extra keyword arguments); PED-ANOVA is Optuna 5's default evaluator.
+_OPTUNA_FIGURES = (
+    ("Optuna: objective (val top-1 error, %) of each trial and the best so far.", "plot_optimization_history", {}),
+    ("Optuna: the objective after each fine-tuning epoch (the intermediate values ASHA decides on).",
+     "plot_intermediate_values", {}),
+    ("Optuna: parallel coordinates of the searched parameters, coloured by the objective.",
+     "plot_parallel_coordinate", {}),
+    ("Optuna: the objective against each searched parameter.", "plot_slice", {}),
+    ("Optuna: hyperparameter importances by PED-ANOVA (Optuna's default evaluator).", "plot_param_importances", {}),
+)  # fmt: skip
+
+
+def optuna_figures(study, reason: str = "") -> list[tuple[str, go.Figure]]:
+    """Optuna's own plotly figures of a search (`study` from analysis.load.load_optuna_study), each with a
+    caption; a figure that Optuna cannot draw (too few trials, ...) becomes a message saying why."""
+    if study is None:
+        return [("Optuna's figures of the search.", empty_figure("Optuna", reason or "no Optuna study"))]
+    import optuna.visualization as ov
+
+    out = []
+    for caption, name, kwargs in _OPTUNA_FIGURES:
+        title = caption.split(": ", 1)[1].rstrip(".")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fig = getattr(ov, name)(study, **kwargs)
+            if name == "plot_param_importances":
+                fig.update_layout(title="Hyperparameter importances (PED-ANOVA, Optuna's default evaluator)")
+            _layout(fig, fig.layout.title.text or title)
+        except Exception as exc:  # e.g. importances need 2+ complete trials
+            fig = empty_figure(title, f"Optuna could not draw it: {exc}")
+        out.append((caption, fig))
+    return out
 
 
 # --------------------------------------------------------------------------- reconstruction grid
@@ -395,5 +435,5 @@ __all__ = [
     "CurvesData", "ImportanceData", "ReconGrid", "ScatterData", "curve_stages", "empty_figure",
     "error_scatter_data", "error_scatter_figure", "generalization_gap_data", "generalization_gap_figure",
     "importance_data", "importance_figure", "invertibility_data", "invertibility_figure",
-    "learning_curves_data", "learning_curves_figure", "recon_grid_data", "recon_grid_figure",
+    "learning_curves_data", "learning_curves_figure", "optuna_figures", "recon_grid_data", "recon_grid_figure",
 ]  # fmt: skip

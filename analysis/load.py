@@ -18,12 +18,13 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 
-from analysis.common import PARAM_PREFIX, AnalysisError, model_sort_key
+from analysis.common import PARAM_PREFIX, STAGES, AnalysisError, model_sort_key
 
 INVERT_ARTIFACT = "recon/invert.npz"
+PREDICTIONS_ARTIFACT = "eval/predictions.npz"
 
 TRIAL_COLUMNS = ["trial_id", "run_id", "model", "decoder", "placement", "seed", "status", "status_detail",
-                 "stage_keys", "start_time", "end_time"]  # fmt: skip
+                 "trial_state", "optuna_trial_number", "stage_keys", "start_time", "end_time"]  # fmt: skip
 STAGE_COLUMNS = ["trial_id", "run_id", "trial_run_id", "model", "decoder", "placement", "seed", "stage",
                  "stage_key", "reused", "status"]  # fmt: skip
 CURVE_COLUMNS = ["trial_id", "run_id", "model", "seed", "stage", "metric", "step", "value"]
@@ -43,10 +44,24 @@ class StudyRuns(NamedTuple):
     trials: pd.DataFrame  # one row per trial: tags, `params.<name>` columns, final metrics
     stages: pd.DataFrame  # one row per trial x stage: tags, final metrics (rec_err_*, invert_err_*, ...)
     curves: pd.DataFrame  # one row per trial x stage x metric x epoch (step)
+    study_params: dict | None = None  # params of the study run (e.g. eval_on, labeled_fraction); None if no study run
 
     def inversion(self, stage_run_id: str) -> dict[str, np.ndarray]:
         """The arrays of `recon/invert.npz` of a decoder stage run (see `load_inversion`)."""
         return load_inversion(self.tracking_uri, stage_run_id)
+
+    def predictions(self, stage_run_ids) -> dict[str, dict[str, np.ndarray]]:
+        """{stage run id: arrays of its `eval/predictions.npz`}, for the runs that have one (see docs/RECORDS.md)."""
+        return load_predictions(self.tracking_uri, stage_run_ids)
+
+    def trial_images(self, trials: pd.DataFrame | None = None) -> dict[tuple[str, object], dict[str, np.ndarray]]:
+        """{(model, seed): per-image outcomes of the trial's final stage} for the finished trials (of `trials`, by
+        default all of the study's; give one trial per model and seed) that logged them."""
+        trials = self.trials if trials is None else trials
+        done = trials[trials["status"] == "FINISHED"] if len(trials) else trials
+        final = final_stage_runs(self.stages, done)
+        arrays = self.predictions(final.values())
+        return {key: arrays[rid] for key, rid in final.items() if rid in arrays}
 
 
 def _search(client: MlflowClient, experiment_id: str, role: str) -> list[Run]:
@@ -99,6 +114,8 @@ def _trial_row(run: Run) -> dict:
         "seed": _number(tags.get("seed", params.get("seed"))),
         "status": run.info.status,
         "status_detail": tags.get("status_detail", ""),
+        "trial_state": tags.get("trial_state", ""),
+        "optuna_trial_number": _number(tags.get("optuna_trial_number")),
         "stage_keys": tags.get("stage_keys", ""),
         "start_time": _time(run.info.start_time),
         "end_time": _time(run.info.end_time),
@@ -154,6 +171,7 @@ def load_study(tracking_uri: str, study: str, *, curves: bool = True, max_worker
     exp_id = experiment.experiment_id
     study_runs = _search(client, exp_id, "study")
     study_run_id = study_runs[-1].info.run_id if study_runs else None
+    study_params = dict(study_runs[-1].data.params) if study_runs else None
 
     trial_runs = _search(client, exp_id, "trial")
     trials = pd.DataFrame([_trial_row(r) for r in trial_runs]) if trial_runs else pd.DataFrame(columns=TRIAL_COLUMNS)
@@ -186,7 +204,7 @@ def load_study(tracking_uri: str, study: str, *, curves: bool = True, max_worker
     stages = _sorted(stages, ["stage"])
 
     curve_frame = _curves(client, stages, max_workers) if curves else pd.DataFrame(columns=CURVE_COLUMNS)
-    return StudyRuns(study, tracking_uri, exp_id, study_run_id, trials, stages, curve_frame)
+    return StudyRuns(study, tracking_uri, exp_id, study_run_id, trials, stages, curve_frame, study_params)
 
 
 def _curves(client: MlflowClient, stages: pd.DataFrame, max_workers: int) -> pd.DataFrame:
@@ -209,6 +227,59 @@ def _curves(client: MlflowClient, stages: pd.DataFrame, max_workers: int) -> pd.
         records = [r for chunk in pool.map(fetch, jobs) for r in chunk]
     out = pd.DataFrame.from_records(records, columns=CURVE_COLUMNS)
     return out.sort_values(["run_id", "metric", "step"], kind="stable").reset_index(drop=True)
+
+
+def final_stage_runs(stages: pd.DataFrame, trials: pd.DataFrame) -> dict[tuple[str, object], str]:
+    """{(model, seed): run id of the last stage of that trial} (the stage whose metrics are the trial's)."""
+    if stages.empty or trials.empty:
+        return {}
+    out = {}
+    for trial in trials.itertuples():
+        keys = [k for k in str(trial.stage_keys or "").split(",") if k]
+        mine = stages[stages["trial_run_id"] == trial.run_id]
+        if keys:
+            last = mine[mine["stage_key"] == keys[-1]]
+        else:  # no stage_keys tag: the stage that comes last in the procedure
+            order = [STAGES.index(s) if s in STAGES else -1 for s in mine["stage"]]
+            last = mine.iloc[[int(np.argmax(order))]] if order else mine
+        if len(last):
+            out[(trial.model, trial.seed)] = str(last["run_id"].iloc[0])
+    return out
+
+
+def load_predictions(tracking_uri: str, stage_run_ids, max_workers: int = 8) -> dict[str, dict[str, np.ndarray]]:
+    """Download `eval/predictions.npz` of each stage run that has one; runs without it are left out."""
+    client = MlflowClient(tracking_uri)
+
+    def fetch(run_id: str):
+        with tempfile.TemporaryDirectory(prefix="pred-") as tmp:
+            try:
+                local = client.download_artifacts(run_id, PREDICTIONS_ARTIFACT, tmp)
+            except Exception:  # a run recorded before per-image outcomes existed, or a failed stage
+                return run_id, None
+            with np.load(Path(local)) as npz:
+                return run_id, {name: np.array(npz[name]) for name in npz.files}
+
+    ids = list(dict.fromkeys(str(r) for r in stage_run_ids))
+    if not ids:
+        return {}
+    with _no_progress_bar(), ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
+        return {rid: arrays for rid, arrays in pool.map(fetch, ids) if arrays is not None}
+
+
+def load_optuna_study(storage_url: str | None, study_name: str):
+    """(the Optuna study, "") or (None, why not): the search's own records, for Optuna's figures."""
+    if not storage_url:
+        return None, "no Optuna storage (only Optuna searches have one: runs/<study>/optuna.db)"
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.load_study(study_name=study_name, storage=storage_url), ""
+    except KeyError:
+        return None, f"no Optuna study named {study_name!r} in {storage_url}"
+    except Exception as exc:  # storage unreachable, bad URL, ...
+        return None, f"cannot open Optuna storage {storage_url}: {exc}"
 
 
 @contextmanager

@@ -7,14 +7,22 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable
+from typing import Callable, Mapping, NamedTuple
 
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from analysis.common import DECODERS, ERROR_METRICS, AnalysisError, finished, split_model
-from analysis.stats import gain_share_by_epoch, holm, invertibility, significant, unique_stage_runs, verdicts
+from analysis.common import ERROR_METRICS, AnalysisError, finished, invert_depth, split_model
+from analysis.stats import (
+    ALPHA,
+    gain_share_by_epoch,
+    holm,
+    paired_test,
+    significant,
+    unique_stage_runs,
+    verdicts,
+)
 
 _PAPER_ROWS = {
     #                  train1  val1   train5 val5  val1 dense val5 dense
@@ -76,30 +84,25 @@ def _is_trials(frame: pd.DataFrame) -> bool:
 
 REPRODUCED, CONTRADICTED, UNDECIDED = "reproduced", "contradicted", "cannot decide"
 
+# Stages where the classifier is fixed and only decoders train: where the paper states its invertibility claims.
+FIXED_CLASSIFIER_STAGES = ("layerwise", "topdown")
+
 
 def _evidence(rows: pd.DataFrame) -> str:
     n = rows["n_pairs"]
     if (n >= 2).all():
-        return f"paired t-test over {int(n.min())}-{int(n.max())} seeds, Holm-corrected" if n.nunique() > 1 else (
-            f"paired t-test over {int(n.iloc[0])} seeds, Holm-corrected")  # fmt: skip
-    return "direction only (fewer than 2 paired seeds: no test)"
-
-
-def _direction(row, metric: str, alpha: float) -> int:
-    """-1/0/+1: significant direction with 2+ seeds, the sign of the difference with 1 seed."""
-    diff = getattr(row, f"{metric}_diff")
-    if row.n_pairs >= 2:
-        return significant(diff, getattr(row, f"{metric}_p_holm"), alpha)
-    if row.n_pairs == 1 and np.isfinite(diff) and diff != 0:
-        return -1 if diff < 0 else 1
-    return 0
+        seeds = f"{int(n.min())}-{int(n.max())}" if n.nunique() > 1 else f"{int(n.iloc[0])}"
+        family = ", ".join(sorted(set(rows["family"])))
+        return f"paired test over {seeds} seeds (image-sampling floor where recorded), Holm within the {family} family"
+    return "fewer than 2 paired seeds for some comparison: no test, directions only"
 
 
 def _decide(rows: pd.DataFrame, wants: dict[str, int], alpha: float, what: Callable) -> tuple[str, str]:
-    """Every comparison must go the wanted way on every metric; one going the other way contradicts."""
+    """Reproduced when every comparison goes the claimed way significantly on every metric; contradicted when one
+    goes significantly the other way; otherwise cannot decide, with the observed directions."""
     support, against, unclear = [], [], []
     for r in rows.itertuples():
-        dirs = {m: _direction(r, m, alpha) for m in wants}
+        dirs = {m: significant(getattr(r, f"{m}_diff"), getattr(r, f"{m}_p_adj"), alpha) for m in wants}
         text = what(r)
         if any(d == -want for m, want in wants.items() if (d := dirs[m]) != 0):
             against.append(text)
@@ -108,11 +111,11 @@ def _decide(rows: pd.DataFrame, wants: dict[str, int], alpha: float, what: Calla
         else:
             unclear.append(text)
     if against:
-        return CONTRADICTED, "goes the other way for " + "; ".join(against)
+        return CONTRADICTED, "significantly the other way for " + "; ".join(against)
     if unclear:
-        return UNDECIDED, "not significant for " + "; ".join(unclear) + (
-            f" (as claimed for {'; '.join(support)})" if support else "")  # fmt: skip
-    return REPRODUCED, "as claimed for " + "; ".join(support)
+        return UNDECIDED, "not significant (direction: " + "; ".join(unclear) + ")" + (
+            f"; significant as claimed for {'; '.join(support)}" if support else "")  # fmt: skip
+    return REPRODUCED, "significant as claimed for " + "; ".join(support)
 
 
 def _pair_text(r) -> str:
@@ -129,20 +132,24 @@ def compare_claims(
     *,
     curves: pd.DataFrame | None = None,
     stages: pd.DataFrame | None = None,
-    alpha: float = 0.05,
+    alpha: float = ALPHA,
+    images=None,
+    stage_images: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+    verdict_table: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Each claim of the paper with `status` "reproduced" / "contradicted" / "cannot decide".
 
-    `trials_or_table` is a trials frame (from load_study) or a per-model results table (like
-    `paper_results()`, taken as one seed). With fewer than 2 paired seeds a claim is decided on the
-    direction of the differences only, and `evidence` says so; with 2+ seeds only differences that
-    survive the paired t-test (Holm-corrected, as in `verdicts`) count. The learning-speed claim needs
-    `curves`, the invertibility claims need `stages`.
+    `trials_or_table` is a trials frame (from load_study) or a per-model results table (like `paper_results()`,
+    taken as one seed). A claim is reproduced or contradicted only on significant tests (docs/STATISTICS.md);
+    without them it "cannot decide" and `reason` gives the observed directions. The comparison claims use
+    `verdicts` (with `images`, the per-image outcomes of the trials, when given, or `verdict_table` as computed
+    by the caller); the learning-speed claim needs `curves`; the invertibility claims need `stages` and
+    `stage_images` ({stage run id: arrays of predictions.npz}) of decoder stages on a fixed classifier.
     Columns: claim_id, claim, status, evidence, reason.
     """
     trials = trials_or_table if _is_trials(trials_or_table) else as_trials(trials_or_table)
     trials = finished(trials)
-    table = verdicts(trials, baseline=baseline, alpha=alpha)
+    table = verdicts(trials, baseline=baseline, alpha=alpha, images=images) if verdict_table is None else verdict_table
     rows = []
 
     def add(claim_id: str, status: str, evidence: str, reason: str) -> None:
@@ -169,95 +176,128 @@ def compare_claims(
     from_verdicts("swwae-better", dec, {"val": -1}, _val_text,
                   "needs SAE and SWWAE models with the same placement")  # fmt: skip
 
-    add("gain-early", *_gain_claim(curves, baseline))
-    for claim_id, result in zip(("swwae-invertible", "sae-depth"), _invert_claims(stages, alpha)):
+    add("gain-early", *_gain_claim(curves, baseline, alpha))
+    for claim_id, result in zip(("swwae-invertible", "sae-depth"), _invert_claims(stages, stage_images, alpha)):
         add(claim_id, *result)
     return pd.DataFrame(rows, columns=["claim_id", "claim", "status", "evidence", "reason"])
 
 
-def _gain_claim(curves: pd.DataFrame | None, baseline: str, k: int = 4) -> tuple[str, str, str]:
+def _gain_claim(curves: pd.DataFrame | None, baseline: str, alpha: float, k: int = 4) -> tuple[str, str, str]:
+    """Most of the final gain after k epochs: per seed x_s = gain_at_k - 0.5 * final_gain (points), t-tested over
+    seeds. Reproduced when x is significantly positive and the estimated share is at least the paper's 75%;
+    contradicted when x is significantly negative (under half of the gain is early)."""
     if curves is None or curves.empty:
         return UNDECIDED, "none", "needs per-epoch fine-tuning curves (val_top1_err of the finetune stages)"
     shares = gain_share_by_epoch(curves, baseline, k=k)
     shares = shares[shares["model"].isin(AUGMENTED) & shares["share"].notna()]
     if shares.empty:
         return UNDECIDED, "none", (f"no augmented model has a positive final gain over {baseline!r} and a "
-                                   f"fine-tuning curve of at least {k} epochs")  # fmt: skip
+                                   f"fine-tuning curve longer than {k} epochs")  # fmt: skip
     best = shares.sort_values("final_gain").iloc[-1]
-    evidence = f"direction only: seed-mean curves, {int(best['n_seeds'])} seed(s), no interval on the share"
     text = (f"{best['model']} (largest final gain) reaches {best['gain_at_k']:.2f} of {best['final_gain']:.2f} "
             f"points ({best['share']:.0%}) after {k} epochs; the paper reports 75%")  # fmt: skip
+    x = gain_margin_per_seed(curves, best["model"], baseline, k, 0.5)
+    test = paired_test(x)
+    evidence = (f"t-test over {test.n} seed(s) of gain_at_{k} - 0.5 x final gain (is more than half of the gain "
+                "early?), for the model with the largest gain")  # fmt: skip
+    if not np.isfinite(test.p):
+        return UNDECIDED, evidence, f"{text}; no test ({test.note})"
+    if test.p >= alpha:
+        return UNDECIDED, evidence, f"{text}; more or less than half: not significant (p={test.p:.3g})"
+    if test.diff < 0:
+        return CONTRADICTED, evidence, f"{text}; significantly under half of the gain is early (p={test.p:.3g})"
     if best["share"] >= PAPER_GAIN_SHARE:
-        return REPRODUCED, evidence, text
-    if best["share"] < 0.5:
-        return CONTRADICTED, evidence, text + "; under half the gain is early"
-    return UNDECIDED, evidence, text + "; between 50% and 75%"
+        return REPRODUCED, evidence, f"{text}; significantly more than half is early (p={test.p:.3g})"
+    return UNDECIDED, evidence, (f"{text}; significantly more than half is early (p={test.p:.3g}), but the "
+                                 "estimate is under the paper's 75%")
 
 
-def _invert_claims(stages: pd.DataFrame | None, alpha: float) -> list[tuple[str, str, str]]:
-    none = (UNDECIDED, "none", "needs stage runs with invert_err_pool<k> metrics of SAE and SWWAE decoders")
-    if stages is None or stages.empty:
-        return [none, none]
-    inv = invertibility(stages)
-    if inv.empty:
-        return [none, none]
-    # One stage per decoder: the latest one in the procedure that both decoders have.
-    common = [s for s in inv["stage"].unique() if set(inv[inv["stage"] == s]["decoder"]) >= set(DECODERS)]
-    runs = unique_stage_runs(stages)
+def gain_margin_per_seed(curves: pd.DataFrame, model: str, baseline: str, k: int, share: float) -> np.ndarray:
+    """Per seed: (baseline final - model at epoch k) - share * (baseline final - model final), fine-tuning val top-1."""
+    sub = curves[(curves["stage"] == "finetune") & (curves["metric"] == "val_top1_err")]
+    sub = sub.groupby(["model", "seed", "step"], as_index=False)["value"].mean()
     out = []
-    # SWWAE below SAE at every depth.
-    if not common:
-        out.append((UNDECIDED, "none", "needs invertibility of both SAE and SWWAE decoders in the same stage"))
-    else:
-        stage = common[-1]
-        sub = inv[inv["stage"] == stage]
-        depths = sorted(set(sub[sub["decoder"] == "sae"]["depth"]) & set(sub[sub["decoder"] == "swwae"]["depth"]))
-        tests = []
-        for d in depths:
-            col = f"invert_err_pool{d}"
-            a = runs[(runs["decoder"] == "swwae") & (runs["stage"] == stage)][col].dropna().to_numpy(float)
-            b = runs[(runs["decoder"] == "sae") & (runs["stage"] == stage)][col].dropna().to_numpy(float)
-            tests.append((d, a, b))
-        out.append(_directional_tests(tests, "SWWAE", "SAE", stage, alpha))
-    # SAE error grows with depth: each depth vs the one below.
-    sae = inv[inv["decoder"] == "sae"]
-    if sae.empty or sae["depth"].nunique() < 2:
-        out.append((UNDECIDED, "none", "needs SAE invertibility at 2 or more depths"))
-    else:
-        stage = [s for s in sae["stage"].unique()][-1]
-        sruns = runs[(runs["decoder"] == "sae") & (runs["stage"] == stage)]
-        depths = sorted(sae[sae["stage"] == stage]["depth"])
-        tests = [(d, sruns[f"invert_err_pool{d - 1}"].dropna().to_numpy(float),
-                  sruns[f"invert_err_pool{d}"].dropna().to_numpy(float)) for d in depths[1:]]  # fmt: skip
-        out.append(_directional_tests(tests, "pool(k-1)", "pool(k)", stage, alpha, label="depth"))
+    for seed in sorted(set(sub[sub["model"] == model]["seed"]) & set(sub[sub["model"] == baseline]["seed"]), key=str):
+        m = sub[(sub["model"] == model) & (sub["seed"] == seed)].set_index("step")["value"]
+        b = sub[(sub["model"] == baseline) & (sub["seed"] == seed)].set_index("step")["value"]
+        if k in m.index and len(b):
+            base_final = float(b.loc[b.index.max()])
+            out.append((base_final - float(m.loc[k])) - share * (base_final - float(m.loc[m.index.max()])))
+    return np.asarray(out, dtype=float)
+
+
+class ImagePairTest(NamedTuple):
+    label: str  # what is compared, e.g. "seed 0, pool2"
+    n_images: int
+    diff: float  # mean per-image difference a - b
+    p: float  # paired t-test over images (two-sided)
+
+
+def image_paired_test(label: str, a: np.ndarray, b: np.ndarray) -> ImagePairTest:
+    """Paired t-test over images of per-image errors a - b (the same images, in the same order)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.size < 2:
+        return ImagePairTest(label, int(min(a.size, b.size)), math.nan, math.nan)
+    d = a - b
+    if np.ptp(d) == 0:  # every image the same difference: exact when it is 0, otherwise no spread to test
+        return ImagePairTest(label, a.size, float(d.mean()), 1.0 if d[0] == 0 else math.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        p = float(sps.ttest_1samp(d, 0.0).pvalue)
+    return ImagePairTest(label, a.size, float(d.mean()), p)
+
+
+def _invert_claims(stages: pd.DataFrame | None, stage_images, alpha: float) -> list[tuple[str, str, str]]:
+    none = (UNDECIDED, "none", "needs decoder stages on a fixed classifier (layerwise/topdown) with per-image "
+            "invertibility errors (eval/predictions.npz)")
+    if stages is None or stages.empty or not stage_images:
+        return [none, none]
+    runs = unique_stage_runs(stages)
+    runs = runs[runs["stage"].isin(FIXED_CLASSIFIER_STAGES) & runs["run_id"].isin(list(stage_images))]
+    if runs.empty:
+        return [none, none]
+    if "decoder" not in runs.columns or runs["decoder"].isna().any():
+        runs = runs.assign(decoder=[split_model(str(m))[0] for m in runs["model"]])
+    stage = "layerwise" if "layerwise" in set(runs["stage"]) else FIXED_CLASSIFIER_STAGES[-1]
+    runs = runs[runs["stage"] == stage]
+    arrays = {(r.decoder, r.seed): stage_images[r.run_id] for r in runs.itertuples()}
+    out = []
+    # SWWAE below SAE at every depth, per seed (each seed's classifier fixed), paired per image.
+    tests = []
+    for (decoder, seed), sw in sorted(arrays.items(), key=lambda kv: str(kv[0])):
+        sae = arrays.get(("sae", seed))
+        if decoder != "swwae" or sae is None:
+            continue
+        for depth in _depths(sw) & _depths(sae):
+            key = f"invert_err_pool{depth}"
+            tests.append(image_paired_test(f"seed {seed}, pool{depth}: SWWAE - SAE", sw[key], sae[key]))
+    out.append(_image_claim(tests, stage, alpha) if tests else (
+        UNDECIDED, "none", f"needs SAE and SWWAE decoders of the same seed in stage {stage}"))  # fmt: skip
+    # SAE error grows with depth: pool(k-1) below pool(k), per seed.
+    tests = []
+    for (decoder, seed), sae in sorted(arrays.items(), key=lambda kv: str(kv[0])):
+        depths = sorted(_depths(sae)) if decoder == "sae" else []
+        tests += [image_paired_test(f"seed {seed}: pool{d - 1} - pool{d}", sae[f"invert_err_pool{d - 1}"],
+                                    sae[f"invert_err_pool{d}"]) for d in depths[1:]]  # fmt: skip
+    out.append(_image_claim(tests, stage, alpha) if tests else (
+        UNDECIDED, "none", f"needs SAE invertibility at 2 or more depths in stage {stage}"))  # fmt: skip
     return out
 
 
-def _welch_p(a: np.ndarray, b: np.ndarray) -> float:
-    if np.ptp(a) == 0 and np.ptp(b) == 0:  # no spread at all: the means differ or they do not
-        return 1.0 if a[0] == b[0] else 0.0
-    return float(sps.ttest_ind(a, b, equal_var=False).pvalue)
+def _depths(arrays: Mapping[str, np.ndarray]) -> set[int]:
+    return {d for name in arrays if (d := invert_depth(name)) is not None}
 
 
-def _directional_tests(tests, a_name, b_name, stage, alpha, label="pool") -> tuple[str, str, str]:
-    """Claim: a < b in every test. Welch t-tests with Holm when both sides have 2+ values, else direction."""
-    n_min = min((min(a.size, b.size) for _, a, b in tests), default=0)
-    if n_min == 0:
-        return UNDECIDED, "none", f"missing values in stage {stage}"
-    diffs = [float(a.mean() - b.mean()) for _, a, b in tests]
-    if n_min >= 2:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            p = holm([_welch_p(a, b) for _, a, b in tests])
-        dirs = [significant(d, pv, alpha) for d, pv in zip(diffs, p)]
-        evidence = f"Welch t-test per depth over {n_min}+ stage runs each, Holm-corrected (stage {stage})"
-    else:
-        dirs = [0 if d == 0 else (-1 if d < 0 else 1) for d in diffs]
-        evidence = f"direction only (one run per group, stage {stage})"
-    parts = [f"{label}{d}: {a_name} {a.mean():.4g} vs {b_name} {b.mean():.4g}" for (d, a, b) in tests]
-    text = "; ".join(parts)
+def _image_claim(tests: list[ImagePairTest], stage: str, alpha: float) -> tuple[str, str, str]:
+    """Claim: a < b in every test. Holm over the tests; reproduced when all are significantly negative."""
+    p = holm([t.p for t in tests])
+    dirs = [significant(t.diff, pv, alpha) for t, pv in zip(tests, p)]
+    n_img = min(t.n_images for t in tests)
+    evidence = (f"paired t-test over {n_img}+ validation images per test, conditional on each seed's fixed "
+                f"classifier (stage {stage}), Holm over the {len(tests)} tests")  # fmt: skip
+    text = "; ".join(f"{t.label} {t.diff:+.3g} (adj. p={pv:.2g})" for t, pv in zip(tests, p))
     if any(x > 0 for x in dirs):
-        return CONTRADICTED, evidence, "goes the other way somewhere: " + text
+        return CONTRADICTED, evidence, "significantly the other way somewhere: " + text
     if all(x < 0 for x in dirs):
         return REPRODUCED, evidence, text
     return UNDECIDED, evidence, "not significant everywhere: " + text

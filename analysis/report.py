@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 import socket
 import warnings
 from datetime import datetime, timezone
@@ -17,11 +18,24 @@ from plotly.offline import get_plotlyjs
 
 from analysis import figures as F
 from analysis.common import ERROR_METRICS, METRIC_LABELS, AnalysisError, finished
-from analysis.load import StudyRuns, load_inversion, load_study
-from analysis.paper import compare_claims, paper_vs_ours
-from analysis.stats import gain_share_by_epoch, paper_table, param_importances, sensitivity, verdicts
+from analysis.load import StudyRuns, load_inversion, load_optuna_study, load_study
+from analysis.paper import FIXED_CLASSIFIER_STAGES, compare_claims, paper_vs_ours
+from analysis.stats import (
+    VERDICT_COLUMNS,
+    best_configuration,
+    best_per_model,
+    configurations,
+    gain_share_by_epoch,
+    paper_table,
+    param_importances,
+    sensitivity,
+    varying_params,
+    verdicts,
+)
 
-REPORT_FILES = ("report.html", "table.csv", "table.md")
+# Written beside each other for every study (configurations.csv only for searches); columns in docs/RECORDS.md.
+REPORT_FILES = ("report.html", "table.csv", "table.md", "verdicts.csv", "claims.csv")
+SEARCH_FILE = "configurations.csv"
 
 
 # --------------------------------------------------------------------------- tables as text
@@ -78,6 +92,8 @@ class Report(NamedTuple):
     claims: pd.DataFrame
     gain_share: pd.DataFrame
     figures: list[tuple[str, go.Figure]]  # (caption, figure)
+    configs: pd.DataFrame  # a search's configurations (empty when nothing is searched)
+    best: pd.Series | None  # the best configuration of a search
 
 
 def _recon_figures(runs: StudyRuns) -> list[tuple[str, go.Figure]]:
@@ -127,12 +143,34 @@ def loss_balance_table(stages: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["model", "level", "n", "share_start", "share_end", "weight"])
 
 
+def _fixed_classifier_images(runs: StudyRuns) -> dict:
+    """Per-image outcomes of the decoder stages trained on a fixed classifier (for the invertibility claims)."""
+    st = runs.stages
+    if st.empty or "stage" not in st:
+        return {}
+    ids = st[st["stage"].isin(FIXED_CLASSIFIER_STAGES) & (st["status"] == "FINISHED")]["run_id"]
+    return runs.predictions(ids)
+
+
 def build_report(runs: StudyRuns, *, baseline: str = "baseline", optuna_storage: str | None = None) -> Report:
-    """Every table and figure of the report, computed from loaded runs (no HTML yet)."""
-    trials, stages, curves = runs.trials, runs.stages, runs.curves
+    """Every table and figure of the report, computed from loaded runs (no HTML yet).
+
+    In a search, the results table, verdicts and curves use each model's best configuration (selected on the
+    validation objective, so they are optimistic); the configurations table lists every configuration.
+    """
+    all_trials, stages = runs.trials, runs.stages
+    searched = bool(varying_params(all_trials, finished_only=False)) or (runs.study_params or {}).get(
+        "search", "none") != "none"
+    configs = configurations(all_trials) if searched else pd.DataFrame()
+    best = best_configuration(configs) if searched else None
+    trials = best_per_model(finished(all_trials)) if searched else all_trials
+    curves = runs.curves[runs.curves["trial_id"].isin(set(trials["trial_id"]))] if searched else runs.curves
+    images = runs.trial_images(finished(trials))
+    stage_images = _fixed_classifier_images(runs)
     table = paper_table(trials, baseline)
-    verdict_table = verdicts(trials, baseline)
-    claims = compare_claims(trials, baseline, curves=curves, stages=stages)
+    verdict_table = verdicts(trials, baseline, images=images)
+    claims = compare_claims(trials, baseline, curves=curves, stages=stages, stage_images=stage_images,
+                            verdict_table=verdict_table)  # fmt: skip
     gains = gain_share_by_epoch(curves, baseline)
     figs: list[tuple[str, go.Figure]] = []
     scatter = F.error_scatter_figure(F.error_scatter_data(trials), baseline)
@@ -144,16 +182,21 @@ def build_report(runs: StudyRuns, *, baseline: str = "baseline", optuna_storage:
     for stage in stages_with_curves:
         figs.append((f"Per-epoch validation top-1 error and total loss in stage {stage}.",
                      F.learning_curves_figure(F.learning_curves_data(curves, stage))))  # fmt: skip
-    sens = sensitivity(trials)
-    imps = param_importances(optuna_storage, runs.study)
-    figs.append(("Hyperparameters that vary within a model (a search): rank correlation with val top-1 error, "
-                 "and Optuna's importances when a storage is given.", F.importance_figure(F.importance_data(sens, imps))))  # fmt: skip
-    figs.append(("How well the decoder inverts the classifier: image error when decoding from pool k. The paper: "
-                 "SWWAE nearly perfect even from deep layers, SAE worse with depth.",
-                 F.invertibility_figure(F.invertibility_data(stages))))  # fmt: skip
+    if searched:
+        sens = sensitivity(all_trials)
+        imps = param_importances(optuna_storage, runs.study)
+        figs.append(("Searched hyperparameters: rank correlation with val top-1 error over finished trials, and "
+                     "Optuna's importances (PED-ANOVA, its default evaluator) when the study has an Optuna storage.",
+                     F.importance_figure(F.importance_data(sens, imps))))  # fmt: skip
+        study, reason = load_optuna_study(optuna_storage, runs.study)
+        figs += F.optuna_figures(study, reason)
+    figs.append(("How well each decoder inverts the classifier: image error when decoding from pool k, per "
+                 "image (95% CI over validation images, conditional on the trained classifiers; over seeds where "
+                 "no per-image errors were recorded). The paper: SWWAE nearly perfect even from deep layers, SAE "
+                 "worse with depth.", F.invertibility_figure(F.invertibility_data(stages, stage_images))))  # fmt: skip
     figs += [("Validation images decoded from each pooling level (recon/invert.npz).", fig)
              for _, fig in _recon_figures(runs)]  # fmt: skip
-    return Report(runs, table, verdict_table, claims, gains, figs)
+    return Report(runs, table, verdict_table, claims, gains, figs, configs, best)
 
 
 # --------------------------------------------------------------------------- HTML
@@ -171,7 +214,7 @@ table.data td.text { text-align: left; max-width: 640px; }
   font-weight: bold; color: white; margin-right: 6px; text-align: center; }
 .v-better-optimum, .v-reproduced { background: #2a7d2a; } .v-regularizes { background: #2b6cb0; }
 .v-hurts, .v-contradicted { background: #c0392b; } .v-no-clear-effect, .v-cannot-decide { background: #888; }
-.v-not-enough-seeds { background: #b7950b; }
+.v-not-enough-seeds { background: #b7950b; } .v-lower-validation-error-mechanism-unclear { background: #2c8c8c; }
 ul.verdicts li { margin: 6px 0; list-style: none; } ul.verdicts { padding-left: 0; }
 figure { margin: 18px 0 30px 0; } figcaption { color: #555; font-size: 13px; margin-top: 4px; }
 .warn { background: #fff6d6; border: 1px solid #e8d17a; padding: 8px 12px; border-radius: 4px; }
@@ -216,7 +259,7 @@ def _table_html(frame: pd.DataFrame, text_cols: tuple[str, ...] = ()) -> str:
         for col, value in zip(frame.columns, row):
             text = "" if value is None or (isinstance(value, float) and math.isnan(value)) else value
             if isinstance(text, float):
-                text = f"{text:.2f}"
+                text = f"{text:.2f}" if text == 0 or abs(text) >= 0.01 else f"{text:.3g}"  # e.g. learning rates
             cls = " class='text'" if col in text_cols else ""
             if col == "status":
                 text = _badge(str(text))
@@ -228,7 +271,8 @@ def _table_html(frame: pd.DataFrame, text_cols: tuple[str, ...] = ()) -> str:
 
 
 def _badge(label: str) -> str:
-    return f"<span class='verdict v-{label.replace(' ', '-')}'>{html.escape(label)}</span>"
+    slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+    return f"<span class='verdict v-{slug}'>{html.escape(label)}</span>"
 
 
 def _sentence_html(a: str, b: str, sentence: str) -> str:
@@ -262,6 +306,14 @@ def _summary_html(runs: StudyRuns, baseline: str) -> str:
         f"{now:%Y-%m-%d %H:%M} UTC from <code>{html.escape(runs.tracking_uri)}</code> "
         f"(experiment {html.escape(runs.experiment_id)}).</p>",
     ]  # fmt: skip
+    params = runs.study_params or {}
+    if params.get("eval_on") == "test":
+        lines.append("<p class='warn'>This study evaluates on the <b>test split</b> (data.eval_on: test): every "
+                     "'val' number below is a test-split error, of configurations fixed before the study (a search "
+                     "cannot run with eval_on: test, so nothing was selected on it).</p>")
+    if params.get("labeled_fraction") not in (None, "1.0", "1"):
+        lines.append(f"<p class='meta'>Labels on {html.escape(str(params['labeled_fraction']))} of the training "
+                     "split: training errors count the labeled examples only.</p>")
     if n == 0:
         lines.append("<p class='warn'>No trials recorded yet: start the study, then regenerate this report.</p>")
     failed = t[t["status"] == "FAILED"] if n else t
@@ -272,6 +324,44 @@ def _summary_html(runs: StudyRuns, baseline: str) -> str:
     return "\n".join(lines)
 
 
+def _verdicts_html(table: pd.DataFrame) -> str:
+    if table.empty:
+        return "<p class='note'>No comparisons yet: they need at least two models with finished trials.</p>"
+    parts = []
+    for family in dict.fromkeys(table["family"]):
+        sub = table[table["family"] == family]
+        items = "".join(f"<li>{_badge(r.verdict)}{_sentence_html(r.a, r.b, r.sentence)}</li>" for r in sub.itertuples())
+        parts.append(f"<h3>{html.escape(family.capitalize())} family ({len(sub)} comparison(s))</h3>"
+                     f"<ul class='verdicts'>{items}</ul>")  # fmt: skip
+    floor = "with the per-image sampling variance as a floor" if (table["n_images"] > 0).any() else (
+        "without per-image outcomes (no image-sampling floor)")  # fmt: skip
+    return "".join(parts) + (
+        f"<p class='note'>Each difference is paired by seed and measured on the same validation images for both "
+        f"models; t-test over seeds {floor}. p-values are Holm-adjusted within each family, one metric at a time; "
+        f"alpha = {table['alpha'].iloc[0]:g}. Definitions (docs/STATISTICS.md): better optimum = val and train "
+        "significantly lower; regularizes = val significantly lower and train significantly higher (or the gap "
+        "significantly smaller with a training error that is not lower); hurts = val significantly higher. "
+        "verdicts.csv has every number.</p>")
+
+
+def _search_html(report: Report) -> str:
+    configs, best = report.configs, report.best
+    head = ""
+    if best is not None:
+        params = ", ".join(f"{c[len('params.'):]}={best[c]:.4g}" if isinstance(best[c], float) else
+                           f"{c[len('params.'):]}={best[c]}" for c in configs.columns if c.startswith("params."))
+        ci = "" if not math.isfinite(best["val_top1_err_ci_low"]) else (
+            f" [95% CI over its seeds {best['val_top1_err_ci_low']:.2f}, {best['val_top1_err_ci_high']:.2f}]")
+        head = (f"<p><b>Best configuration</b> (lowest mean val top-1 error among those with the most finished "
+                f"seeds): #{int(best['config'])} {html.escape(str(best['model']))}, {html.escape(params)}: "
+                f"{best['val_top1_err_mean']:.2f}%{ci} over {int(best['n_seeds'])} seed(s).</p>")  # fmt: skip
+    return head + _table_html(configs, text_cols=("states", "seeds")) + (
+        "<p class='note'>One row per configuration; intervals are over that configuration's seeds only (none with "
+        "one seed). The configuration was selected on the validation split, so its validation error is an "
+        "optimistic estimate; the results table, verdicts and curves above and below use each model's best "
+        "configuration. configurations.csv has this table.</p>")
+
+
 def render_html(report: Report, baseline: str = "baseline") -> str:
     runs = report.runs
     shown = format_table(report.table, baseline)
@@ -280,13 +370,9 @@ def render_html(report: Report, baseline: str = "baseline") -> str:
         "<p class='note'>Cells: mean [95% CI] (difference to the baseline, points). Models with n = 1 have no "
         "interval: one run has no spread, so read those numbers as anecdotes.</p>" if single else
         "<p class='note'>Cells: mean [95% CI] (difference to the baseline, points).</p>"))]  # fmt: skip
-    if report.verdicts.empty:
-        vhtml = "<p class='note'>No comparisons yet: they need at least two models with finished trials.</p>"
-    else:
-        vhtml = "<ul class='verdicts'>" + "".join(
-            f"<li>{_badge(r.verdict)}{_sentence_html(r.a, r.b, r.sentence)}</li>" for r in report.verdicts.itertuples()
-        ) + "</ul><p class='note'>Paired by seed; p-values Holm-corrected across all comparisons above.</p>"
-    sections.append(Section("Verdicts", vhtml))
+    if report.configs is not None and len(report.configs):
+        sections.append(Section("Search: configurations", _search_html(report)))
+    sections.append(Section("Verdicts", _verdicts_html(report.verdicts)))
     claims = report.claims[["claim", "status", "evidence", "reason"]]
     pvo = paper_vs_ours(report.table) if not report.table.empty else pd.DataFrame()
     sections.append(Section("Comparison with the paper (Zhang, Lee & Lee, ICML 2016)", _table_html(
@@ -344,9 +430,10 @@ def write_report(
     log_to_mlflow: bool = True,
     baseline: str = "baseline",
 ) -> Path:
-    """Write report.html, table.csv and table.md into `out_dir`; return the path of report.html.
+    """Write report.html, table.csv, table.md, verdicts.csv, claims.csv (and configurations.csv for a search) into
+    `out_dir`; return the path of report.html. Columns: docs/RECORDS.md.
 
-    With `log_to_mlflow`, the three files are also logged under `report/` of the study run (role=study).
+    With `log_to_mlflow`, the files are also logged under `report/` of the study run (role=study).
     """
     runs = load_study(tracking_uri, study)
     report = build_report(runs, baseline=baseline, optuna_storage=optuna_storage)
@@ -355,6 +442,12 @@ def write_report(
     page = out / "report.html"
     page.write_text(render_html(report, baseline), encoding="utf-8")
     report.table.to_csv(out / "table.csv", index=False)
+    report.verdicts.to_csv(out / "verdicts.csv", index=False, columns=VERDICT_COLUMNS)
+    report.claims.to_csv(out / "claims.csv", index=False)
+    files = list(REPORT_FILES)
+    if len(report.configs):
+        report.configs.to_csv(out / SEARCH_FILE, index=False)
+        files.append(SEARCH_FILE)
     n = len(finished(runs.trials))
     (out / "table.md").write_text(
         f"# {study}\n\n{n} finished trial(s); cells: mean [95% CI] (difference to {baseline}, points); errors in %.\n\n"
@@ -368,6 +461,6 @@ def write_report(
             from mlflow import MlflowClient
 
             client = MlflowClient(tracking_uri)
-            for name in REPORT_FILES:
+            for name in files:
                 client.log_artifact(runs.study_run_id, str(out / name), artifact_path="report")
     return page

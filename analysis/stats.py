@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Iterable, NamedTuple, Sequence
+from typing import Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -33,9 +33,6 @@ from analysis.common import (
 )
 
 CONFIDENCE = 0.95
-
-VERDICTS: tuple[str, ...] = ("better optimum", "regularizes", "hurts", "no clear effect", "not enough seeds")
-
 
 # --------------------------------------------------------------------------- mean and interval
 
@@ -78,7 +75,7 @@ def summarize(trials: pd.DataFrame, metrics: Sequence[str] = ERROR_METRICS) -> p
     for model in ordered_models(done["model"]):
         group = done[done["model"] == model]
         for metric in _present_metrics(done, metrics):
-            ci = mean_ci(group[metric])
+            ci = mean_ci(group.groupby("seed")[metric].mean())  # a seed run twice (a search's repeat) counts once
             rows.append({"model": model, "metric": metric, **ci._asdict(), "single_seed": ci.n == 1})
     return pd.DataFrame(rows, columns=columns)
 
@@ -88,7 +85,7 @@ def paper_table(
 ) -> pd.DataFrame:
     """The results table: one row per model.
 
-    Columns: `model`, `n` (finished trials), `single_seed`, then for each error metric present
+    Columns: `model`, `n` (distinct seeds with a finished trial; repeats on a seed are averaged), `single_seed`, then for each error metric present
     `<metric>_mean`, `<metric>_ci_low`, `<metric>_ci_high` and `<metric>_vs_baseline`
     (mean minus the baseline's mean, in points; NaN when the study has no baseline).
     """
@@ -99,7 +96,7 @@ def paper_table(
     long = summarize(done, present)
     rows = []
     for model in ordered_models(done["model"]):
-        n = int((done["model"] == model).sum())
+        n = int(done.loc[done["model"] == model, "seed"].nunique())
         row: dict = {"model": model, "n": n, "single_seed": n == 1}
         for metric in present:
             s = long[(long["model"] == model) & (long["metric"] == metric)]
@@ -131,6 +128,26 @@ def generalization_gap(trials: pd.DataFrame) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------- paired comparisons
+#
+# The design is written down in docs/STATISTICS.md; in short: the unit of replication is the seed; each per-seed
+# difference is measured on the same images for both models, and the per-image differences give its sampling
+# variance v_s, a floor under the variance of the seed-mean difference; families are Holm-corrected separately,
+# one metric at a time; a verdict that needs two tests needs both (an intersection-union test).
+
+ALPHA = 0.05
+POWER = 0.80
+
+BETTER, REGULARIZES, HURTS = "better optimum", "regularizes", "hurts"
+UNCLEAR, NO_EFFECT, FEW_SEEDS = "lower validation error, mechanism unclear", "no clear effect", "not enough seeds"
+VERDICTS: tuple[str, ...] = (BETTER, REGULARIZES, HURTS, UNCLEAR, NO_EFFECT, FEW_SEEDS)
+
+# Comparison kinds and the family each belongs to (each family is corrected on its own).
+FAMILIES: dict[str, str] = {"vs baseline": "primary", "placement": "secondary: placement",
+                            "decoder": "secondary: decoder", "custom": "custom"}  # fmt: skip
+
+# Per-image outcome arrays (predictions.npz) behind each trial-level error metric.
+IMAGE_ARRAYS: dict[str, str] = {"train_top1_err": "train_top1_wrong", "val_top1_err": "val_top1_wrong",
+                                "train_top5_err": "train_top5_wrong", "val_top5_err": "val_top5_wrong"}  # fmt: skip
 
 
 def holm(pvalues: Sequence[float]) -> np.ndarray:
@@ -149,6 +166,86 @@ def holm(pvalues: Sequence[float]) -> np.ndarray:
     return out
 
 
+class PairedTest(NamedTuple):
+    """A paired test over seeds of per-seed differences (points), with the image-sampling floor."""
+
+    n: int  # paired seeds
+    diff: float  # mean of the per-seed differences
+    sd_seeds: float  # SD of the per-seed differences (NaN with one seed)
+    image_var: float  # mean over seeds of the within-seed sampling variance v_s (NaN without per-image data)
+    se: float  # standard error used: sqrt(max(sd_seeds^2, image_var) / n)
+    df: int  # n - 1
+    t: float
+    p: float  # two-sided; NaN when untestable (fewer than 2 seeds, or no spread and no per-image data)
+    ci_low: float
+    ci_high: float
+    half_width: float  # of the 95% CI
+    note: str  # why there is no test, or which variance was used
+
+
+def paired_test(diffs: Sequence[float], image_vars: Sequence[float] | None = None,
+                confidence: float = CONFIDENCE) -> PairedTest:
+    """Test that the mean per-seed difference is 0: Student t with n-1 df on SE = sqrt(max(s_d^2, mean v_s) / n).
+
+    `image_vars` holds, per seed, the sampling variance of that seed's difference over its images
+    (var of the per-image differences / number of images); the seed-mean difference cannot vary less than
+    mean(v_s) / n, so identical differences on every seed do not make p = 0 when images were recorded.
+    With no spread and no per-image data there is no test (p NaN). Fewer than 2 seeds: no test.
+    """
+    d = np.asarray([x for x in diffs if x is not None], dtype=float)
+    d = d[np.isfinite(d)]
+    n = int(d.size)
+    v = np.asarray([x for x in (image_vars or []) if x is not None], dtype=float)
+    v = v[np.isfinite(v)]
+    image_var = float(v.mean()) if v.size and v.size == n else math.nan
+    nan = math.nan
+    if n == 0:
+        return PairedTest(0, nan, nan, image_var, nan, 0, nan, nan, nan, nan, nan, "no paired seeds")
+    mean = float(d.mean())
+    if n == 1:
+        return PairedTest(1, mean, nan, image_var, nan, 0, nan, nan, nan, nan, nan,
+                          "one seed: a single run has no seed-to-seed spread, so no test")  # fmt: skip
+    sd = float(d.std(ddof=1))
+    var = max(sd**2, image_var if np.isfinite(image_var) else 0.0)
+    if var <= 0.0:
+        return PairedTest(n, mean, sd, image_var, 0.0, n - 1, nan, nan, nan, nan, nan,
+                          "identical differences on every seed and no per-image records: untestable")  # fmt: skip
+    se = math.sqrt(var / n)
+    t = mean / se
+    p = float(2 * sps.t.sf(abs(t), n - 1))
+    half = float(sps.t.ppf(0.5 + confidence / 2, n - 1)) * se
+    note = "image-sampling floor" if np.isfinite(image_var) and image_var > sd**2 else "seed-to-seed spread"
+    return PairedTest(n, mean, sd, image_var, se, n - 1, t, p, mean - half, mean + half, half, note)
+
+
+def seeds_needed(effect: float, sd: float, alpha: float = ALPHA, power: float = POWER, max_n: int = 1000) -> float:
+    """Smallest number of paired seeds n >= 2 at which a two-sided one-sample t-test at level `alpha` detects a
+    true mean difference `effect` (per-seed SD `sd`) with probability >= `power` (noncentral t).
+
+    NaN when the effect is 0 or not finite; inf when even `max_n` seeds are not enough.
+    """
+    if not (np.isfinite(effect) and np.isfinite(sd)) or effect == 0 or sd <= 0:
+        return math.nan
+    size = abs(effect) / sd
+    for n in range(2, max_n + 1):
+        df = n - 1
+        crit = sps.t.ppf(1 - alpha / 2, df)
+        nc = size * math.sqrt(n)
+        achieved = sps.nct.sf(crit, df, nc) + sps.nct.cdf(-crit, df, nc)
+        if achieved >= power:
+            return float(n)
+    return math.inf
+
+
+def image_variance(a_wrong: np.ndarray, b_wrong: np.ndarray) -> float:
+    """Sampling variance (points^2) of the error difference a - b measured on the same images, one pair per image."""
+    a, b = np.asarray(a_wrong, dtype=float), np.asarray(b_wrong, dtype=float)
+    if a.shape != b.shape or a.size < 2:
+        return math.nan
+    e = 100.0 * (a - b)
+    return float(e.var(ddof=1) / e.size)
+
+
 def _model_meta(trials: pd.DataFrame) -> dict[str, tuple[str, str]]:
     meta = {}
     for model in trials["model"].unique():
@@ -165,9 +262,9 @@ def _model_meta(trials: pd.DataFrame) -> dict[str, tuple[str, str]]:
 def default_comparisons(trials: pd.DataFrame, baseline: str = "baseline") -> list[tuple[str, str, str]]:
     """(a, b, kind) pairs, a compared against b, for the models present in `trials`.
 
-    kind is "vs baseline" (every other model vs the baseline), "placement" (first vs all vs
-    layerwise within a decoder: all-first, layerwise-first, layerwise-all) or "decoder"
-    (SWWAE vs SAE within a placement).
+    kind is "vs baseline" (every other model vs the baseline: the primary family), "placement" (first vs all vs
+    layerwise within a decoder: all-first, layerwise-first, layerwise-all) or "decoder" (SWWAE vs SAE within a
+    placement); see FAMILIES.
     """
     if trials.empty:
         return []
@@ -203,18 +300,6 @@ def paired(trials: pd.DataFrame, a: str, b: str, metric: str) -> pd.DataFrame:
     return wide
 
 
-def _ttest_rel(a: np.ndarray, b: np.ndarray) -> float:
-    if a.size < 2:
-        return math.nan
-    d = a - b
-    if np.allclose(d, d[0], rtol=0, atol=1e-12):
-        # No spread in the differences: t is infinite unless they are all zero.
-        return 1.0 if abs(d[0]) < 1e-12 else 0.0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return float(sps.ttest_rel(a, b).pvalue)
-
-
 def _fmt(x: float, digits: int = 2, signed: bool = False) -> str:
     if x is None or not np.isfinite(x):
         return "n/a"
@@ -227,22 +312,52 @@ def _fmt_p(p: float) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
+ImageOutcomes = Mapping[tuple[str, object], Mapping[str, np.ndarray]]
+
+_SHORT = {"train_top1_err": "train", "val_top1_err": "val"}
+VERDICT_COLUMNS = [
+    "a", "b", "family", "kind", "n_pairs", "seeds", "n_images",
+    *[f"{s}_{c}" for s in ("train", "val") for c in ("a", "b", "diff", "ci_low", "ci_high", "half_width", "sd_seeds",
+                                                       "image_var", "p", "p_adj")],
+    "gap_diff", "gap_p", "gap_p_adj", "alpha", "verdict", "seeds_needed", "sentence",
+]  # fmt: skip
+
+
+def _image_vars(images: ImageOutcomes | None, a: str, b: str, seeds, metric: str) -> list[float]:
+    if not images or metric not in IMAGE_ARRAYS:
+        return []
+    key = IMAGE_ARRAYS[metric]
+    out = []
+    for seed in seeds:
+        ia, ib = images.get((a, seed)), images.get((b, seed))
+        if ia is None or ib is None or key not in ia or key not in ib:
+            return []  # a floor from some seeds only would be a different estimator: use none
+        out.append(image_variance(ia[key], ib[key]))
+    return out if all(np.isfinite(out)) else []
+
+
 def verdicts(
     trials: pd.DataFrame,
     baseline: str = "baseline",
     comparisons: Sequence[tuple[str, str]] | Sequence[tuple[str, str, str]] | None = None,
-    alpha: float = 0.05,
+    alpha: float = ALPHA,
+    images: ImageOutcomes | None = None,
 ) -> pd.DataFrame:
-    """Paired-by-seed comparisons of train and val top-1 error, with a verdict per comparison.
+    """Paired comparisons of train and val top-1 error, one verdict per comparison (docs/STATISTICS.md).
 
-    For each (a, b): the per-seed differences a - b of `train_top1_err` and `val_top1_err`, their mean
-    and 95% CI, a paired t-test, Holm-corrected across every p-value of this call; then
-      "better optimum"  train and val significantly lower,
-      "regularizes"     val significantly lower, train not significantly lower,
+    For each (a, b): per seed, the differences a - b of `train_top1_err`, `val_top1_err` and of the generalization
+    gap (val - train); each tested by `paired_test` over the paired seeds, with the image-sampling floor when
+    `images` ({(model, seed): arrays of predictions.npz}) has both models' per-image outcomes for every seed.
+    p-values are Holm-adjusted within each family (FAMILIES), one metric at a time. Then, at level `alpha`:
+      "better optimum"  val and train significantly lower,
+      "regularizes"     val significantly lower and train significantly higher; or val significantly lower, the
+                        gap significantly smaller and the training error not lower (its difference >= 0),
+      "lower validation error, mechanism unclear"  val significantly lower, otherwise,
       "hurts"           val significantly higher,
-      "no clear effect" otherwise,
-      "not enough seeds" fewer than 2 paired seeds (no test is run; the direction is still reported).
-    `comparisons` defaults to `default_comparisons(trials, baseline)`.
+      "no clear effect" val not significant (or untestable),
+      "not enough seeds" fewer than 2 paired seeds (no test; the direction is still reported).
+    `seeds_needed`: paired seeds for 80% power to detect the observed val difference at the family's Bonferroni
+    level alpha/m (the strictest Holm step), with the SD the test used; reported for undecided comparisons.
     """
     done = finished(trials)
     if not done.empty:
@@ -252,69 +367,87 @@ def verdicts(
     for comp in comps:
         a, b = str(comp[0]), str(comp[1])
         kind = comp[2] if len(comp) > 2 else ("vs baseline" if b == baseline else "custom")
-        row: dict = {"a": a, "b": b, "kind": kind}
-        pairs = {m: paired(done, a, b, m) for m in ("train_top1_err", "val_top1_err")}
+        row: dict = {"a": a, "b": b, "kind": kind, "family": FAMILIES.get(kind, kind), "alpha": alpha}
+        pairs = {m: paired(done, a, b, m) for m in _SHORT}
         seeds = sorted(set(pairs["train_top1_err"]["seed"]) & set(pairs["val_top1_err"]["seed"]), key=str)
         row["n_pairs"] = len(seeds)
         row["seeds"] = ",".join(map(str, seeds))
-        for metric, short in (("train_top1_err", "train"), ("val_top1_err", "val")):
-            p = pairs[metric]
-            p = p[p["seed"].isin(seeds)]
+        diffs, ivars = {}, {}
+        for metric, short in _SHORT.items():
+            p = pairs[metric].set_index("seed").loc[seeds] if seeds else pairs[metric].iloc[:0]
             av, bv = p["a"].to_numpy(float), p["b"].to_numpy(float)
-            ci = mean_ci(av - bv)
+            diffs[short], ivars[short] = av - bv, _image_vars(images, a, b, seeds, metric)
+            test = paired_test(diffs[short], ivars[short])
             row[f"{short}_a"] = float(av.mean()) if av.size else math.nan
             row[f"{short}_b"] = float(bv.mean()) if bv.size else math.nan
-            row[f"{short}_diff"] = ci.mean
-            row[f"{short}_ci_low"] = ci.ci_low
-            row[f"{short}_ci_high"] = ci.ci_high
-            row[f"{short}_p"] = _ttest_rel(av, bv)
+            row.update({f"{short}_{k}": getattr(test, k) for k in ("diff", "ci_low", "ci_high", "half_width",
+                                                                  "sd_seeds", "image_var", "p")})  # fmt: skip
+            row[f"{short}_se"], row[f"{short}_note"] = test.se, test.note
+        row["n_images"] = _n_images(images, a, seeds)
+        gap_vars = [x + y for x, y in zip(ivars["val"], ivars["train"])] if ivars["val"] and ivars["train"] else []
+        gap = paired_test(diffs["val"] - diffs["train"] if seeds else [], gap_vars)
+        row["gap_diff"], row["gap_p"] = gap.diff, gap.p
         rows.append(row)
-    columns = [
-        "a", "b", "kind", "n_pairs", "seeds",
-        *[f"{s}_{c}" for s in ("train", "val") for c in ("a", "b", "diff", "ci_low", "ci_high", "p", "p_holm")],
-        "verdict", "sentence",
-    ]  # fmt: skip
     if not rows:
-        return pd.DataFrame(columns=columns)
+        return pd.DataFrame(columns=VERDICT_COLUMNS)
     table = pd.DataFrame(rows)
-    adjusted = holm(np.concatenate([table["train_p"].to_numpy(float), table["val_p"].to_numpy(float)]))
-    table["train_p_holm"] = adjusted[: len(table)]
-    table["val_p_holm"] = adjusted[len(table) :]
-    table["verdict"] = [_classify(r, alpha) for r in table.itertuples()]
-    table["sentence"] = [_sentence(r, alpha) for r in table.itertuples()]
-    return table[columns]
+    for col in ("train_p", "val_p", "gap_p"):
+        table[col + "_adj"] = math.nan
+        for _, idx in table.groupby("family").groups.items():
+            table.loc[idx, col + "_adj"] = holm(table.loc[idx, col].to_numpy(float))
+    m_family = table.groupby("family")["val_p"].transform(lambda s: max(1, int(s.notna().sum())))
+    table["verdict"] = [classify(r, alpha) for r in table.itertuples()]
+    table["seeds_needed"] = [
+        seeds_needed(r.val_diff, r.val_se * math.sqrt(r.n_pairs), alpha / m) if r.verdict in (NO_EFFECT,) else math.nan
+        for r, m in zip(table.itertuples(), m_family)
+    ]  # fmt: skip
+    table["sentence"] = [_sentence(r) for r in table.itertuples()]
+    return table[VERDICT_COLUMNS]
 
 
-def significant(diff: float, p_holm: float, alpha: float) -> int:
+def _n_images(images: ImageOutcomes | None, model: str, seeds) -> int:
+    if not images or not seeds:
+        return 0
+    arrays = images.get((model, seeds[0])) or {}
+    return int(len(arrays.get("val_top1_wrong", [])))
+
+
+def significant(diff: float, p_adj: float, alpha: float) -> int:
     """-1 significantly lower, +1 significantly higher, 0 not significant (or untestable)."""
-    if not (np.isfinite(p_holm) and np.isfinite(diff)) or p_holm >= alpha or diff == 0:
+    if not (np.isfinite(p_adj) and np.isfinite(diff)) or p_adj >= alpha or diff == 0:
         return 0
     return -1 if diff < 0 else 1
 
 
-def _classify(r, alpha: float) -> str:
+def classify(r, alpha: float = ALPHA) -> str:
+    """The verdict of one row of `verdicts` (columns n_pairs, {train,val,gap}_diff, {train,val,gap}_p_adj)."""
     if r.n_pairs < 2:
-        return "not enough seeds"
-    train = significant(r.train_diff, r.train_p_holm, alpha)
-    val = significant(r.val_diff, r.val_p_holm, alpha)
+        return FEW_SEEDS
+    train = significant(r.train_diff, r.train_p_adj, alpha)
+    val = significant(r.val_diff, r.val_p_adj, alpha)
+    gap = significant(r.gap_diff, r.gap_p_adj, alpha)
     if val > 0:
-        return "hurts"
-    if val < 0 and train < 0:
-        return "better optimum"
-    if val < 0:
-        return "regularizes"
-    return "no clear effect"
+        return HURTS
+    if val == 0:
+        return NO_EFFECT
+    if train < 0:
+        return BETTER
+    if train > 0 or (gap < 0 and r.train_diff >= 0):
+        return REGULARIZES
+    return UNCLEAR
 
 
 _MEANING = {
-    "better optimum": "lower training and validation error: it helps the classifier reach a better optimum",
-    "regularizes": "lower validation error without lower training error: it acts as a regularizer",
-    "hurts": "higher validation error",
-    "no clear effect": "no difference in validation error that survives the test",
+    BETTER: "lower training and validation error: it helps the classifier reach a better optimum",
+    REGULARIZES: "lower validation error with a higher training error (or a smaller gap without a lower training "
+    "error): it acts as a regularizer",
+    UNCLEAR: "lower validation error, but the training error does not say whether by optimization or regularization",
+    HURTS: "higher validation error",
+    NO_EFFECT: "no difference in validation error that survives the test",
 }
 
 
-def _sentence(r, alpha: float) -> str:
+def _sentence(r) -> str:
     head = f"{r.a} vs {r.b}"
     if r.n_pairs < 2:
         if r.n_pairs == 0:
@@ -324,15 +457,30 @@ def _sentence(r, alpha: float) -> str:
             f"val top-1 {_fmt(r.val_a)}% vs {_fmt(r.val_b)}% ({_fmt(r.val_diff, signed=True)} points), "
             f"train top-1 {_fmt(r.train_a)}% vs {_fmt(r.train_b)}% ({_fmt(r.train_diff, signed=True)} points)."
         )
-    verdict = _classify(r, alpha)
-    return (
-        f"{head} over {r.n_pairs} paired seeds: val top-1 {_fmt(r.val_a)}% vs {_fmt(r.val_b)}%, "
+    floor = f", {r.n_images} val images per seed" if r.n_images else ""
+    text = (
+        f"{head} over {r.n_pairs} paired seeds{floor}: val top-1 {_fmt(r.val_a)}% vs {_fmt(r.val_b)}%, "
         f"difference {_fmt(r.val_diff, signed=True)} points [95% CI {_fmt(r.val_ci_low, signed=True)}, "
-        f"{_fmt(r.val_ci_high, signed=True)}], Holm p={_fmt_p(r.val_p_holm)}; "
+        f"{_fmt(r.val_ci_high, signed=True)}], adjusted p={_fmt_p(r.val_p_adj)}; "
         f"train top-1 {_fmt(r.train_a)}% vs {_fmt(r.train_b)}%, difference {_fmt(r.train_diff, signed=True)} "
         f"[{_fmt(r.train_ci_low, signed=True)}, {_fmt(r.train_ci_high, signed=True)}], "
-        f"Holm p={_fmt_p(r.train_p_holm)}. Verdict: {verdict} ({r.a} has {_MEANING[verdict]})."
+        f"adjusted p={_fmt_p(r.train_p_adj)}. Verdict: {r.verdict} ({r.a} has {_MEANING[r.verdict]})."
     )
+    if r.verdict == NO_EFFECT:
+        if not np.isfinite(r.val_p):
+            text += f" No test: {r.val_note}."
+        else:
+            bound = max(abs(r.val_ci_low), abs(r.val_ci_high))
+            text += f" Any effect on val top-1 is smaller than {_fmt(bound)} points in size"
+            need = r.seeds_needed
+            if np.isfinite(need):
+                text += (f"; {int(need)} seeds would detect a difference of the observed size "
+                         f"({_fmt(r.val_diff, signed=True)}) with 80% power.")  # fmt: skip
+            elif need == math.inf:
+                text += "; the observed difference is too small to detect with any practical number of seeds."
+            else:
+                text += "."
+    return text
 
 
 # --------------------------------------------------------------------------- learning speed
@@ -415,9 +563,11 @@ def param_columns(trials: pd.DataFrame) -> list[str]:
     return [c[len(PARAM_PREFIX) :] for c in trials.columns if str(c).startswith(PARAM_PREFIX)]
 
 
-def varying_params(trials: pd.DataFrame, exclude: Sequence[str] = ("seed", "model")) -> list[str]:
-    """Parameters that take more than one value within at least one model (searched, not ablated)."""
-    done = finished(trials)
+def varying_params(trials: pd.DataFrame, exclude: Sequence[str] = ("seed", "model"), finished_only: bool = True
+                   ) -> list[str]:
+    """Parameters that take more than one value within at least one model (searched, not ablated), among the
+    finished trials (or all trials: `finished_only=False`)."""
+    done = finished(trials) if finished_only else trials
     out = []
     for name in param_columns(done):
         if name in exclude:
@@ -502,6 +652,81 @@ def _bins(model, label, x: pd.Series, y: pd.Series, numeric: bool, n_bins: int) 
     return rows
 
 
+def _config_columns(trials: pd.DataFrame) -> list[str]:
+    """The searched parameters: those that vary within a model over all trials (stopped ones included)."""
+    return [PARAM_PREFIX + name for name in varying_params(trials, finished_only=False)]
+
+
+def configurations(trials: pd.DataFrame, objective: str = "val_top1_err") -> pd.DataFrame:
+    """A search's results: one row per configuration (model + values of the searched parameters), not per trial.
+
+    Columns: config (1-based, in order of first appearance), model, the searched `params.*` columns, n_seeds
+    (distinct seeds with a finished trial; repeats on a seed are averaged first), seeds, n_trials (all, stopped
+    included), states (e.g. "2 COMPLETE, 1 PRUNED"), `<objective>_mean`, `_ci_low`, `_ci_high`
+    (Student t over the configuration's seeds only; NaN with one seed), `train_top1_err_mean` and the Optuna trial
+    numbers when recorded. Trials that did not finish count in `states` only.
+    """
+    cols = _config_columns(trials)
+    base = ["config", "model", *cols, "n_seeds", "seeds", "n_trials", "states", f"{objective}_mean", f"{objective}_ci_low",
+            f"{objective}_ci_high", "train_top1_err_mean", "optuna_trials"]  # fmt: skip
+    if trials.empty or objective not in trials.columns:
+        return pd.DataFrame(columns=base)
+    keyed = trials.assign(_key=[tuple(map(str, k)) for k in trials[["model", *cols]].itertuples(index=False)])
+    rows = []
+    for i, (key, g) in enumerate(keyed.groupby("_key", sort=False), start=1):
+        done = finished(g)
+        per_seed = done.groupby("seed")[objective].mean()  # the same configuration run twice on a seed is one seed
+        ci = mean_ci(per_seed) if len(per_seed) else MeanCI(0, math.nan, math.nan, math.nan, math.nan)
+        states = g["trial_state"].replace("", np.nan).fillna(g["status"]) if "trial_state" in g else g["status"]
+        numbers = g["optuna_trial_number"].dropna() if "optuna_trial_number" in g else pd.Series(dtype=float)
+        rows.append({
+            "config": i, "model": g["model"].iloc[0], **{c: g[c].iloc[0] for c in cols}, "n_seeds": ci.n,
+            "seeds": ",".join(_seed_text(x) for x in sorted(per_seed.index, key=str)), "n_trials": len(g),
+            "states": ", ".join(f"{n} {s}" for s, n in states.value_counts().items()),
+            f"{objective}_mean": ci.mean, f"{objective}_ci_low": ci.ci_low, f"{objective}_ci_high": ci.ci_high,
+            "train_top1_err_mean": float(done["train_top1_err"].mean()) if "train_top1_err" in done and len(done)
+            else math.nan,
+            "optuna_trials": ",".join(str(int(n)) for n in sorted(set(numbers))),
+        })  # fmt: skip
+    return pd.DataFrame(rows, columns=base)
+
+
+def _seed_text(seed) -> str:
+    return str(int(seed)) if isinstance(seed, (int, float, np.number)) and float(seed).is_integer() else str(seed)
+
+
+def best_configuration(configs: pd.DataFrame, objective: str = "val_top1_err") -> pd.Series | None:
+    """The configuration with the lowest mean objective among those with the most finished seeds (None if none)."""
+    col = f"{objective}_mean"
+    done = configs[configs["n_seeds"] > 0] if len(configs) else configs
+    if done.empty or col not in done:
+        return None
+    full = done[done["n_seeds"] == done["n_seeds"].max()]
+    return full.loc[full[col].idxmin()]
+
+
+def best_per_model(trials: pd.DataFrame, objective: str = "val_top1_err") -> pd.DataFrame:
+    """The trials of each model's best configuration (all trials when nothing is searched)."""
+    cols = _config_columns(trials)
+    if not cols or trials.empty:
+        return trials
+    keep = []
+    for model in ordered_models(trials["model"]):
+        mine = trials[trials["model"] == model]
+        best = best_configuration(configurations(mine, objective), objective)
+        if best is None:
+            continue
+        match = np.ones(len(mine), dtype=bool)
+        for c in cols:
+            if c in best.index:
+                match &= (mine[c].astype(str) == str(best[c])).to_numpy()
+        keep.append(mine[match])
+    return pd.concat(keep) if keep else trials.iloc[:0]
+
+
+IMPORTANCE_EVALUATOR = "PED-ANOVA (Optuna's default evaluator)"
+
+
 class ParamImportances(NamedTuple):
     table: pd.DataFrame  # param, importance (sums to 1 over params)
     reason: str  # why the table is empty, or which evaluator produced it
@@ -533,16 +758,16 @@ def param_importances(
         names = study.metric_names or [str(i) for i in range(len(study.directions))]
         index = names.index(target_name) if target_name in names else 0
         target = lambda t: t.values[index]  # noqa: E731
-    evaluators = [(None, "fANOVA")]
-    if hasattr(optuna.importance, "PedAnovaImportanceEvaluator"):
-        evaluators.append((optuna.importance.PedAnovaImportanceEvaluator(), "PED-ANOVA"))
+    # Optuna 5's default evaluator (what get_param_importances and plot_param_importances use) is PED-ANOVA;
+    # it is passed explicitly so that the label always names what computed the numbers.
+    evaluators = [(optuna.importance.PedAnovaImportanceEvaluator(), IMPORTANCE_EVALUATOR)]
     errors = []
     for evaluator, label in evaluators:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 imp = optuna.importance.get_param_importances(study, evaluator=evaluator, target=target)
-        except Exception as exc:  # e.g. fANOVA needs scikit-learn, or all params fixed
+        except Exception as exc:  # e.g. too few trials above the quantile, or all params fixed
             errors.append(f"{label}: {exc}")
             continue
         table = pd.DataFrame({"param": list(imp), "importance": [float(v) for v in imp.values()]})
@@ -563,9 +788,15 @@ def unique_stage_runs(stages: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([keyed.drop_duplicates("stage_key"), unkeyed]).sort_index()
 
 
-def invertibility(stages: pd.DataFrame) -> pd.DataFrame:
-    """invert_err_pool<k> per decoder, stage and depth k: n, mean, sd, ci_low, ci_high."""
-    cols = ["decoder", "stage", "depth", "metric", "n", "mean", "sd", "ci_low", "ci_high"]
+def invertibility(stages: pd.DataFrame, stage_images: Mapping[str, Mapping[str, np.ndarray]] | None = None
+                  ) -> pd.DataFrame:
+    """invert_err_pool<k> per decoder, stage and depth k: n, mean, sd, ci_low, ci_high and `over`.
+
+    With per-image errors (`stage_images`: {stage run id: arrays of predictions.npz}) for every run of a group,
+    the interval is over validation images ("images": conditional on the trained classifiers, pooled over
+    seeds); otherwise over computed stages, one value each ("seeds").
+    """
+    cols = ["decoder", "stage", "depth", "metric", "n", "mean", "sd", "ci_low", "ci_high", "over"]
     if stages.empty:
         return pd.DataFrame(columns=cols)
     metrics = sorted((c for c in stages.columns if invert_depth(str(c)) is not None), key=invert_depth)
@@ -574,13 +805,18 @@ def invertibility(stages: pd.DataFrame) -> pd.DataFrame:
     runs = unique_stage_runs(stages)
     if "decoder" not in runs.columns:
         runs = runs.assign(decoder=[split_model(str(m))[0] for m in runs["model"]])
+    images = stage_images or {}
     rows = []
     for (decoder, stage), g in runs.groupby(["decoder", "stage"], sort=False):
         for metric in metrics:
-            ci = mean_ci(g[metric])
+            per_image = [images.get(rid, {}).get(metric) for rid in g.loc[g[metric].notna(), "run_id"]]
+            if per_image and all(a is not None for a in per_image):
+                ci, over = mean_ci(np.concatenate(per_image).astype(float)), "images"
+            else:
+                ci, over = mean_ci(g[metric]), "seeds"
             if ci.n:
                 rows.append({"decoder": decoder, "stage": stage, "depth": invert_depth(metric), "metric": metric,
-                             **ci._asdict()})  # fmt: skip
+                             **ci._asdict(), "over": over})  # fmt: skip
     out = pd.DataFrame(rows, columns=cols)
     if out.empty:
         return out

@@ -116,7 +116,8 @@ def write_study(
     Each trial mapping has `model`, `seed`, the final metrics it should report (any of FINAL_METRICS)
     and optionally: `trial_id`, `status` ("FINISHED"/"FAILED"), `params` (extra hyperparameters),
     `val_curve` (the fine-tuning val_top1_err per epoch; it should end at val_top1_err), `invert`
-    ({k: invert_err_pool<k>}), `loss_curve`. Stages that several trials share (same seed, same
+    ({k: invert_err_pool<k>}), `loss_curve`, `predictions` (arrays of the final stage's eval/predictions.npz)
+    and `stage_predictions` ({stage: arrays}, for the stages this trial computes). Stages that several trials share (same seed, same
     upstream recipe) are written as reused runs with the same stage_key, as the stage store would.
     """
     client = MlflowClient(tracking_uri)
@@ -229,6 +230,11 @@ def _write_stage(client, exp_id, trial_rid, trial, stage, key, reused, is_last, 
     metrics += [Metric(k, float(v), ts + n_ep, n_ep) for k, v in last.items()]
     # A reused stage reports what the stage store holds: the metrics of the run that computed it.
     metrics = computed.setdefault(key, metrics) if not is_last else metrics
+    predictions = trial.get("predictions") if is_last else (trial.get("stage_predictions") or {}).get(stage)
+    if predictions is not None and not reused:
+        path = tmp / "predictions.npz"
+        np.savez_compressed(path, **predictions)
+        client.log_artifact(rid, str(path), artifact_path="eval")
     for i in range(0, len(metrics), 900):
         client.log_batch(rid, metrics=metrics[i : i + 900])
     if artifacts:
@@ -249,8 +255,29 @@ def _write_stage(client, exp_id, trial_rid, trial, stage, key, reused, is_last, 
     client.set_terminated(rid, "FINISHED")
 
 
-def demo_trials(seeds: Sequence[int] = (0, 1, 2)) -> list[dict]:
-    """The paper's table plus seed-to-seed noise: a plausible study to try the report on."""
+def image_outcomes(errors: Mapping[str, float], n_images: int, rng: np.random.Generator,
+                   spread: float = 0.05) -> dict[str, np.ndarray]:
+    """Per-image 0/1 outcomes of several models on the same images, each wrong on exactly round(err% * n) images.
+
+    Images have a shared difficulty (uniform) plus a model's own noise (`spread`): the models mostly fail on the
+    same hard images, as trained classifiers do, and disagree on some.
+    """
+    difficulty = rng.uniform(size=n_images)
+    out = {}
+    for model, err in errors.items():
+        score = difficulty + spread * rng.standard_normal(n_images)
+        wrong = np.zeros(n_images, dtype=np.uint8)
+        wrong[np.argsort(-score)[: round(err * n_images / 100)]] = 1
+        out[model] = wrong
+    return out
+
+
+def demo_trials(seeds: Sequence[int] = (0, 1, 2), n_images: int = 10000) -> list[dict]:
+    """The paper's table plus seed-to-seed noise: a plausible study to try the report on.
+
+    Each trial carries per-image outcomes (`predictions`) on `n_images` validation and training images, its
+    errors rounded to what those images can show, and each decoder's layerwise stage per-image invertibility
+    errors (`stage_predictions`)."""
     from analysis.paper import paper_results
 
     table = paper_results()
@@ -258,8 +285,20 @@ def demo_trials(seeds: Sequence[int] = (0, 1, 2)) -> list[dict]:
     out = []
     for seed in seeds:
         shift = rng.normal(0, 0.15)
+        rows = {}
         for model, row in table.iterrows():
             noise = rng.normal(0, 0.05, size=len(row))
-            vals = {k: float(v) + shift + n for (k, v), n in zip(row.items(), noise) if not math.isnan(v)}
-            out.append({"model": model, "seed": seed, **vals})
+            rows[model] = {k: float(v) + shift + n for (k, v), n in zip(row.items(), noise) if not math.isnan(v)}
+        outcomes = {split: image_outcomes({m: r[f"{split}_top1_err"] for m, r in rows.items()}, n_images, rng)
+                    for split in ("train", "val")}  # fmt: skip
+        for model, vals in rows.items():
+            preds = {f"{split}_top1_wrong": outcomes[split][model] for split in outcomes}
+            vals.update({f"{split}_top1_err": 100.0 * float(preds[f"{split}_top1_wrong"].mean()) for split in outcomes})
+            trial = {"model": model, "seed": seed, **vals, "predictions": preds}
+            decoder, placement = split_model(model)
+            if decoder in ("sae", "swwae") and placement == "first":  # computes the decoder's layerwise stage
+                trial["stage_predictions"] = {"layerwise": {
+                    f"invert_err_pool{k}": (v * rng.lognormal(0, 0.3, 500)).astype(np.float16)
+                    for k, v in default_invert(decoder, 3).items()}}  # fmt: skip
+            out.append(trial)
     return out

@@ -106,21 +106,29 @@ def resolved_precision(spec: StudySpec) -> str:
 
 def _callbacks(spec: StudySpec, paths: StudyPaths, spec_text: str, precision: str) -> list:
     params = {"name": spec.name, "models": ",".join(spec.models), "seeds": ",".join(map(str, spec.seeds)),
-              "dataset": spec.data.dataset, "subset": spec.data.subset, "encoder": spec.model.encoder,
+              "dataset": spec.data.dataset, "subset": spec.data.subset, "eval_on": spec.data.eval_on,
+              "labeled_fraction": spec.data.labeled_fraction, "encoder": spec.model.encoder,
               "search": spec.search.algorithm if spec.search else "none", "objective": spec.objective.metric,
               "store": paths.store_uri, "code_version": code_version(), "precision": precision}
+    optuna = paths.optuna_storage if spec.search is not None and spec.search.algorithm == "optuna" else None
     recorder = MlflowRecorder(paths.tracking_uri, spec.name, paths.artifact_location, paths.store_uri, params, spec_text,
                               note=spec.description.strip(), data_settings=spec.data.model_dump(),
-                              system_metrics=spec.system_metrics)
+                              system_metrics=spec.system_metrics, optuna_storage=optuna)
     epochs = {kind: s.epochs for kind, s in spec.stages.items()}
-    return [recorder, Progress(total_trials(spec), epochs)]
+    callbacks = [recorder, Progress(total_trials(spec), epochs)]
+    if optuna:
+        from .search import OptunaEpochValues
+
+        callbacks.append(OptunaEpochValues(optuna, spec.name, spec.objective.metric))
+    return callbacks
 
 
 def build_tuner(spec: StudySpec, paths: StudyPaths, spec_text: str, restore: bool):
     import optuna
     from ray import tune  # [ray] the Tuner, its search algorithm and scheduler
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
+
+    from .search import EpochOptunaSearch
 
     precision = resolved_precision(spec)
     ctx = TrialContext(spec=spec, store_uri=paths.store_uri, train_storage=paths.train_storage,
@@ -139,8 +147,8 @@ def build_tuner(spec: StudySpec, paths: StudyPaths, spec_text: str, restore: boo
         s = spec.search
         storage = optuna.storages.RDBStorage(paths.optuna_storage)
         sampler = optuna.samplers.TPESampler(seed=s.sampler_seed, constant_liar=True)
-        search_alg = OptunaSearch(space=OptunaSpace(spec), metric="objective", mode="min", sampler=sampler,
-                                  study_name=spec.name, storage=storage)
+        search_alg = EpochOptunaSearch(space=OptunaSpace(spec), metric="objective", mode="min", sampler=sampler,
+                                       study_name=spec.name, storage=storage)
         num_samples = s.num_samples
         param_space = {} if len(spec.seeds) > 1 else {"seed": spec.seeds[0]}
     elif spec.search is not None:
@@ -149,7 +157,8 @@ def build_tuner(spec: StudySpec, paths: StudyPaths, spec_text: str, restore: boo
         sch = spec.search.scheduler
         max_t = max(spec.stages["finetune"].epochs, 1)
         scheduler = ASHAScheduler(time_attr="finetune_epoch", max_t=max_t, grace_period=min(sch.grace_period, max_t),
-                                  reduction_factor=sch.reduction_factor)
+                                  reduction_factor=sch.reduction_factor,
+                                  stop_last_trials=False)  # a trial that reaches max_t finishes (COMPLETE)
     return tune.Tuner(
         trainable,
         param_space=param_space,

@@ -65,7 +65,7 @@ class Progress(tune.Callback):
         if event == "trial_start":
             self.labels[trial.trial_id] = f"{result['model']} s{result['seed']}"
             self.print(f"{self._label(trial)} started: {len(result['stage_keys'].split(','))} stages {self._tail()}")
-        elif event == "epoch":
+        elif event == "epoch" and not result.get("replayed"):  # a stored curve replayed for the scheduler
             total = self.stage_epochs.get(result["stage"], "?")
             parts = [f"{result['stage']} epoch {result['epoch']}/{total}", f"loss {result.get('loss', float('nan')):.4g}"]
             if "val_top1_err" in result:

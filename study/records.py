@@ -24,7 +24,7 @@ import numpy as np
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from ray import tune  # [ray] the callback interface
 
-from trainables.stages.chain import INVERT_FILE, RECORD_FILE
+from trainables.stages.chain import INVERT_FILE, PREDICTIONS_FILE, RECORD_FILE
 from trainables.stages.store import StageStore
 
 from .tracking import log_data_input, log_finetuned_model, standard_tags
@@ -61,7 +61,7 @@ def invert_grid_png(arrays: dict[str, np.ndarray]) -> bytes:
 class MlflowRecorder(tune.Callback):
     def __init__(self, tracking_uri: str, experiment: str, artifact_location: str, store_uri: str,
                  study_params: dict, spec_text: str, note: str = "", data_settings: dict | None = None,
-                 system_metrics: bool = False):
+                 system_metrics: bool = False, optuna_storage: str | None = None):
         self.tracking_uri = tracking_uri
         self.note = note  # the spec's description: the study run's note (mlflow.note.content)
         self.data_settings = data_settings or {}  # what shaped the data: the source of each trial's dataset input
@@ -72,6 +72,7 @@ class MlflowRecorder(tune.Callback):
         self.store_uri = store_uri
         self.study_params = study_params
         self.spec_text = spec_text
+        self.optuna_storage = optuna_storage  # an Optuna search's storage: trial runs and Optuna trials link both ways
         self._trial_runs: dict[tuple[str, int], str] = {}
         self._stage_runs: dict[tuple[str, int, str], str] = {}
         self._current_seed: dict[str, int] = {}
@@ -83,11 +84,11 @@ class MlflowRecorder(tune.Callback):
     def __getstate__(self):
         """Tune pickles its callbacks with the experiment state: keep only the configuration."""
         keep = ("tracking_uri", "experiment", "artifact_location", "store_uri", "study_params", "spec_text", "note",
-                "data_settings", "system_metrics")
+                "data_settings", "system_metrics", "optuna_storage")
         return {k: self.__dict__[k] for k in keep}
 
     def __setstate__(self, state):
-        self.__init__(**state)
+        self.__init__(**{"optuna_storage": None, **state})
 
     def setup(self, **info):
         """Called by Tune when a run (or a resumed run) starts."""
@@ -159,6 +160,12 @@ class MlflowRecorder(tune.Callback):
             self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
             if event.get("data_identity"):
                 log_data_input(self.client, run_id, event["data_identity"], self.data_settings)
+            if self.optuna_storage:
+                from .search import link_trial
+
+                number = link_trial(self.optuna_storage, self.experiment, trial_id, seed, run_id)
+                if number is not None:
+                    self.client.set_tag(run_id, "optuna_trial_number", str(number))
         self._trial_runs[key] = run_id
         return run_id
 
@@ -193,6 +200,8 @@ class MlflowRecorder(tune.Callback):
             self._trial_run(trial_id, int(result["seed"]), result)
             return
         seed = int(result.get("seed", self._current_seed.get(trial_id, trial.config.get("seed", 0))))
+        if event == "epoch" and result.get("replayed"):
+            return  # a stored stage's curve, replayed for the scheduler: stage_done logs it from the store
         if event == "epoch":
             run_id = self._stage_run(trial_id, seed, result["stage_key"], result["stage"])
             step = int(result["epoch"])
@@ -212,6 +221,7 @@ class MlflowRecorder(tune.Callback):
             now = int(time.time() * 1000)
             metrics = {k: v for k, v in numeric(result).items() if k in FINAL_KEYS}
             self.client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+            self.client.set_tag(run_id, "trial_state", "COMPLETE")
             final_key = self.client.get_run(run_id).data.tags["stage_keys"].split(",")[-1]
             log_finetuned_model(self.tracking_uri, run_id, self.store, final_key, json.loads(result["data_mean"]))
             self.client.set_terminated(run_id, "FINISHED")
@@ -251,6 +261,9 @@ class MlflowRecorder(tune.Callback):
                     f.write(invert_grid_png(arrays))
                 np.savez_compressed(os.path.join(tmp, "invert.npz"), **arrays)
                 self.client.log_artifacts(run_id, tmp, "recon")
+        predictions = os.path.join(entry.path, PREDICTIONS_FILE)
+        if os.path.exists(predictions):  # per-image outcomes, for the analysis' image-level pairing
+            self.client.log_artifact(run_id, predictions, "eval")
         self.client.set_terminated(run_id, "FINISHED")
 
     def _logged_epochs(self, run_id: str) -> set[int]:
@@ -272,6 +285,7 @@ class MlflowRecorder(tune.Callback):
             with open(trial.error_file) as f:
                 error = f.read()[-4000:]
         self.client.set_tag(run_id, "status_detail", error or "trial failed")
+        self.client.set_tag(run_id, "trial_state", "FAIL")
         self.client.set_terminated(run_id, "FAILED")
         for (tid, s, _), stage_run in self._stage_runs.items():
             if tid == trial.trial_id and self.client.get_run(stage_run).info.status == "RUNNING":
@@ -282,6 +296,7 @@ class MlflowRecorder(tune.Callback):
         for (tid, seed), run_id in self._trial_runs.items():
             if tid == trial.trial_id and self.client.get_run(run_id).info.status == "RUNNING":
                 self.client.set_tag(run_id, "status_detail", "stopped early by the scheduler (ASHA)")
+                self.client.set_tag(run_id, "trial_state", "PRUNED")  # as Optuna records it
                 self.client.set_terminated(run_id, "KILLED")
         for (tid, _, _), stage_run in self._stage_runs.items():
             if tid == trial.trial_id and self.client.get_run(stage_run).info.status == "RUNNING":

@@ -13,7 +13,9 @@ import mlflow
 import pandas as pd
 
 from analysis import AnalysisError, load_study, paper_table, verdicts
+from analysis.common import finished
 from analysis.report import format_table, to_markdown
+from analysis.stats import best_per_model
 
 from .spec import StudySpec
 
@@ -114,17 +116,23 @@ def _varying_params(runs) -> list[str]:
 
 
 def verdict_lines(tracking_uri: str, study: str, baseline: str) -> str:
-    """The analysis' paired-by-seed verdicts (with their confidence intervals), one sentence per comparison."""
+    """The analysis' verdicts (docs/STATISTICS.md: paired by seed and by image), one sentence per comparison; in a
+    search, between each model's best configuration."""
     runs = load_study(tracking_uri, study, curves=False)
-    table = verdicts(runs.trials, baseline=baseline) if not runs.trials.empty else None
+    trials = best_per_model(finished(runs.trials)) if not runs.trials.empty else runs.trials
+    table = verdicts(trials, baseline=baseline, images=runs.trial_images(trials)) if not trials.empty else None
     if table is None or table.empty:
         return "(no comparisons)"
     return "\n".join(f"- {r.sentence}" for r in table.itertuples())
 
 
 def results_table(tracking_uri: str, study: str, baseline: str) -> str:
-    """The paper's table for this study (mean [95% CI] over seeds, difference to the baseline), as text."""
+    """The paper's table for this study (mean [95% CI] over seeds, difference to the baseline), as text; in a
+    search, each model's best configuration (the report lists them all)."""
     runs = _read("the MLflow records", tracking_uri, lambda: load_study(tracking_uri, study, curves=False))
     if runs.trials.empty:
         return "(no finished trials)"
-    return to_markdown(format_table(paper_table(runs.trials, baseline=baseline), baseline=baseline))
+    done = finished(runs.trials)
+    trials = best_per_model(done)
+    note = "\n(a search: each model's best configuration by val top-1 error)" if len(trials) < len(done) else ""
+    return to_markdown(format_table(paper_table(trials, baseline=baseline), baseline=baseline)) + note

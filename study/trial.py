@@ -58,7 +58,16 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
             tune.report({"event": "stage_done", "stage": planned.stage.kind, "stage_key": planned.key,
                          "reused": not was_computed, "why": reasons.get(planned.key, "") if was_computed else "",
                          **idle})
-        final = read_record(store, chain[-1].key)["final"]
+        record = read_record(store, chain[-1].key)
+        if not computed[-1] and chain[-1].stage.kind == "finetune":
+            # A fine-tuning taken from the store ran no epochs here: replay its curve, so that the scheduler and
+            # Optuna see the same per-epoch objective a computed one reports (MLflow gets it from stage_done).
+            for row in record["history"]:
+                if metric in row:
+                    tune.report({"event": "epoch", "replayed": True, "stage": "finetune", "stage_key": chain[-1].key,
+                                 "epoch": row["epoch"], "finetune_epoch": row["epoch"], "objective": row[metric],
+                                 metric: row[metric], "seed": seed})
+        final = record["final"]
         finals.append(final)
         tune.report({"event": "seed_end", **final, "data_mean": json.dumps(list(data.mean)), **idle})
     mean = {k: float(np.mean([f[k] for f in finals])) for k in finals[0] if all(k in f for f in finals)}

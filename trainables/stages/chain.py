@@ -9,6 +9,8 @@ A store entry holds:
                    "history": [{"epoch": e, ...metrics}], "code_version": ..., "workers": data-parallel workers,
                    "precision": fp32 | bf16}
     invert.npz    decoder stages: validation inputs and their reconstructions from every encoder depth
+    predictions.npz  per-image outcomes of the final evaluation (`evaluate.evaluate_stage`); absent in entries
+                  stored before it existed
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ..data import DataBundle
 from ..models import create_model
 from ..semantics import SEMANTICS_VERSION
 from .balance import start_of_finetuning
-from .evaluate import final_metrics, topk_errors
+from .evaluate import evaluate_stage, topk_errors
 from .keys import stage_key
 from .loop import Runtime, derive_seed, make_optimizer, prepare, run_epochs, unwrap
 from .lr_probe import resolve_lr
@@ -34,7 +36,7 @@ from .precision import RESOLVED
 from .procedure import Stage
 from .store import CorruptEntry, StageStore
 
-MODEL_FILE, RECORD_FILE, INVERT_FILE = "model.pt", "record.json", "invert.npz"
+MODEL_FILE, RECORD_FILE, INVERT_FILE, PREDICTIONS_FILE = "model.pt", "record.json", "invert.npz", "predictions.npz"
 DECODER_KINDS = ("layerwise", "topdown", "finetune", "pretrain")
 
 
@@ -90,7 +92,8 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def write_entry(directory: str, planned: PlannedStage, model, final: dict, history: list[dict], arrays: dict,
-                seed: int, data_identity: str, code_version: str, workers: int = 1) -> None:
+                seed: int, data_identity: str, code_version: str, workers: int = 1,
+                predictions: dict | None = None) -> None:
     torch.save(model_state(model), os.path.join(directory, MODEL_FILE))
     record = {"key": planned.key, "parent": planned.parent, "seed": seed, "data_identity": data_identity,
               "stage": planned.stage.describe(), "final": final, "history": history, "code_version": code_version, "workers": workers,
@@ -99,6 +102,8 @@ def write_entry(directory: str, planned: PlannedStage, model, final: dict, histo
         json.dump(record, f, indent=1)
     if arrays:
         np.savez_compressed(os.path.join(directory, INVERT_FILE), **arrays)
+    if predictions:
+        np.savez_compressed(os.path.join(directory, PREDICTIONS_FILE), **predictions)
 
 
 def run_stage(
@@ -149,14 +154,15 @@ def run_stage(
                start_epoch=resume["epoch"] if resume else 0, on_epoch=epoch_done, evaluate_epoch=evaluate_epoch)
     if not publish:
         return {}
-    final, arrays = final_metrics(unwrap(model), data, runtime.device, stage.kind in DECODER_KINDS and stage.weights != ())
+    final, arrays, predictions = evaluate_stage(unwrap(model), data, runtime.device,
+                                                stage.kind in DECODER_KINDS and stage.weights != ())
     final.update(settled)
     if history and stage.ce:  # each weighted term's share of the loss over the last epoch
         final.update({f"loss_share_end_{k.removeprefix('loss_share_')}": v for k, v in history[-1].items()
                       if k.startswith("loss_share_")})
     with tempfile.TemporaryDirectory() as tmp:
         write_entry(tmp, replace(planned, stage=stage), model, final, history, arrays, seed, data.identity,
-                    code_version, runtime.world)
+                    code_version, runtime.world, predictions=predictions)
         store.put(planned.key, tmp, meta={"kind": stage.kind, "variant": stage.model.variant})
     return final
 
