@@ -63,6 +63,7 @@ def reference(spec_path: Path) -> dict[str, dict]:
     from trainables.data import build_data
     from trainables.stages.chain import run_chain_locally
     from trainables.stages.loop import Runtime
+    from trainables.stages.precision import resolve_channels_last
     from trainables.stages.store import StageStore
 
     torch.set_num_threads(1)
@@ -75,7 +76,9 @@ def reference(spec_path: Path) -> dict[str, dict]:
             for model in spec.models:
                 plan = resolve(spec, {"model": model, "seed": seed}, (data.in_channels, data.num_classes, data.image_size))
                 chain = plan.chain(data.identity, seed, resolved_precision(spec))  # the launcher's precision
-                run_chain_locally(chain, store, data, Runtime(device="cpu"), seed)
+                # the layout the platform's workers resolve (channels-last changes float rounding order)
+                runtime = Runtime(device="cpu", channels_last=resolve_channels_last(spec.resources.channels_last, "cpu"))
+                run_chain_locally(chain, store, data, runtime, seed)
                 out.update({p.key: stage_fingerprint(store.get(p.key)) for p in chain})
     return out
 

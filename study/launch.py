@@ -245,6 +245,7 @@ def run(spec: StudySpec, paths: StudyPaths, spec_text: str, *, restore: bool, ad
     from .records import retire_runs
 
     with StopSignals() as stop, launcher_mark(paths):
+        paths.ensure_tracking_store()
         init_ray(address)
         registry = registry_for(paths.store_uri)  # noqa: F841 (the store's cluster-wide claims, owned by this launcher)
         if not restore:  # a fresh Tune run re-runs every trial: records of an earlier, unrestorable attempt go

@@ -89,6 +89,22 @@ class StudyPaths:
     def tracking_uri(self) -> str:
         return self.tracking or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.root / 'mlflow.db'}"
 
+    def ensure_tracking_store(self) -> None:
+        """Create the embedded MLflow store atomically: MLflow builds its schema in many migration steps, and a
+        launcher killed between two of them would leave a database every later run refuses as out of date. So the
+        schema is built in a temporary file that is renamed into place only when complete."""
+        if self.tracking or os.environ.get("MLFLOW_TRACKING_URI"):
+            return  # a server or a database the user manages
+        db = self.root / "mlflow.db"
+        if db.exists():
+            return
+        import mlflow
+
+        tmp = db.with_name(f".mlflow.db.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
+        mlflow.MlflowClient(f"sqlite:///{tmp}").search_experiments(max_results=1)  # runs every migration
+        os.replace(tmp, db)
+
     @property
     def artifact_location(self) -> str | None:
         """Where the study's experiment keeps artifacts; None when a tracking server proxies them."""
