@@ -87,15 +87,20 @@ class StudyPaths:
 
     @property
     def tracking_uri(self) -> str:
-        return self.tracking or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.root / 'mlflow.db'}"
+        return self.tracking or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.embedded_db}"
+
+    @property
+    def embedded_db(self) -> Path:
+        """The embedded MLflow store's file (used when no tracking URI is given)."""
+        return self.root / "mlflow.db"
 
     def ensure_tracking_store(self) -> None:
         """Create the embedded MLflow store atomically: MLflow builds its schema in many migration steps, and a
         launcher killed between two of them would leave a database every later run refuses as out of date. So the
         schema is built in a temporary file that is renamed into place only when complete."""
-        if self.tracking or os.environ.get("MLFLOW_TRACKING_URI"):
+        db = self.embedded_db
+        if self.tracking_uri != f"sqlite:///{db}":
             return  # a server or a database the user manages
-        db = self.root / "mlflow.db"
         if db.exists():
             return
         import mlflow
