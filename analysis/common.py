@@ -15,7 +15,7 @@ class AnalysisError(ValueError):
 
 
 # Final error metrics of a trial, in percent (0-100), in the order the paper's table uses.
-ERROR_METRICS: tuple[str, ...] = (
+PAPER_METRICS: tuple[str, ...] = (
     "train_top1_err",
     "val_top1_err",
     "train_top5_err",
@@ -23,6 +23,9 @@ ERROR_METRICS: tuple[str, ...] = (
     "val_top1_err_dense",
     "val_top5_err_dense",
 )
+# A search with `data.eval_on: test` evaluates each model's selected configuration on the test split (only those).
+TEST_METRICS: tuple[str, ...] = ("test_top1_err", "test_top5_err")
+ERROR_METRICS: tuple[str, ...] = PAPER_METRICS + TEST_METRICS
 
 METRIC_LABELS: dict[str, str] = {
     "train_top1_err": "Train top-1 (%)",
@@ -31,6 +34,8 @@ METRIC_LABELS: dict[str, str] = {
     "val_top5_err": "Val top-5 (%)",
     "val_top1_err_dense": "Val top-1 dense (%)",
     "val_top5_err_dense": "Val top-5 dense (%)",
+    "test_top1_err": "Test top-1 (%)",
+    "test_top5_err": "Test top-5 (%)",
 }
 
 # Stage names in the order a trial runs them.

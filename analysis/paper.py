@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from analysis.common import ERROR_METRICS, AnalysisError, finished, invert_depth, split_model
+from analysis.common import PAPER_METRICS, AnalysisError, finished, invert_depth, split_model
 from analysis.stats import (
     ALPHA,
     gain_share_by_epoch,
@@ -55,8 +55,8 @@ CLAIMS: dict[str, str] = {
 
 
 def paper_results() -> pd.DataFrame:
-    """The paper's table: index `model`, columns ERROR_METRICS (percent)."""
-    table = pd.DataFrame.from_dict(_PAPER_ROWS, orient="index", columns=list(ERROR_METRICS))
+    """The paper's table: index `model`, columns PAPER_METRICS (percent)."""
+    table = pd.DataFrame.from_dict(_PAPER_ROWS, orient="index", columns=list(PAPER_METRICS))
     table.index.name = "model"
     return table
 

@@ -307,10 +307,15 @@ def _summary_html(runs: StudyRuns, baseline: str) -> str:
         f"(experiment {html.escape(runs.experiment_id)}).</p>",
     ]  # fmt: skip
     params = runs.study_params or {}
-    if params.get("eval_on") == "test":
+    if params.get("eval_on") == "test" and params.get("search", "none") != "none":
+        lines.append("<p class='warn'>Configurations were selected on the <b>held-out validation split</b>; the "
+                     "<b>test split</b> (data.eval_on: test) was evaluated afterwards for the selected configurations "
+                     "only (each model's best): the 'Test' columns. 'Val' numbers of a selected configuration are "
+                     "optimistic, its 'Test' numbers are not.</p>")
+    elif params.get("eval_on") == "test":
         lines.append("<p class='warn'>This study evaluates on the <b>test split</b> (data.eval_on: test): every "
-                     "'val' number below is a test-split error, of configurations fixed before the study (a search "
-                     "cannot run with eval_on: test, so nothing was selected on it).</p>")
+                     "'val' number below is a test-split error, of configurations fixed before the study (nothing "
+                     "was selected on it).</p>")
     if params.get("labeled_fraction") not in (None, "1.0", "1"):
         lines.append(f"<p class='meta'>Labels on {html.escape(str(params['labeled_fraction']))} of the training "
                      "split: training errors count the labeled examples only.</p>")

@@ -56,8 +56,12 @@ def _check(spec, paths: StudyPaths, args, document: dict | None = None) -> None:
 
     from .plan import data_config
 
+    from .final_test import needs_test
+
     try:
         data = build_data(data_config(spec), spec.seeds[0])  # the data exists and splits as asked
+        if needs_test(spec):  # the test split the selected configurations meet after the search
+            build_data(data_config(spec, eval_on="test"), spec.seeds[0])
     except DataError as exc:
         raise DataError(f"data: {exc}") from exc
     address = args.address or os.environ.get("RAY_ADDRESS")

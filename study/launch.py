@@ -20,6 +20,7 @@ import yaml
 
 from .claims import ClusterClaims, registry_for
 from .cluster import check_storage, cluster_capacity, trial_driver_resources
+from .final_test import run_final_tests
 from .paths import StudyPaths, is_uri, join
 from .plan import OptunaSpace, grid_space
 from .progress import Progress
@@ -108,7 +109,8 @@ def _callbacks(spec: StudySpec, paths: StudyPaths, spec_text: str, precision: st
     params = {"name": spec.name, "models": ",".join(spec.models), "seeds": ",".join(map(str, spec.seeds)),
               "dataset": spec.data.dataset, "subset": spec.data.subset, "eval_on": spec.data.eval_on,
               "labeled_fraction": spec.data.labeled_fraction, "encoder": spec.model.encoder,
-              "search": spec.search.algorithm if spec.search else "none", "objective": spec.objective.metric,
+              "search": spec.search.algorithm if spec.search else "none",
+              "selection_split": "val" if spec.search else "none", "objective": spec.objective.metric,
               "store": paths.store_uri, "code_version": code_version(), "precision": precision}
     optuna = paths.optuna_storage if spec.search is not None and spec.search.algorithm == "optuna" else None
     recorder = MlflowRecorder(paths.tracking_uri, spec.name, paths.artifact_location, paths.store_uri, params, spec_text,
@@ -254,6 +256,8 @@ def run(spec: StudySpec, paths: StudyPaths, spec_text: str, *, restore: bool, ad
         stop.fitting = True
         results = tuner.fit()
         stop.fitting = False
+        if not stop.signum:
+            run_final_tests(spec, paths.tracking_uri, paths.store_uri)
         import mlflow
 
         client = mlflow.MlflowClient(paths.tracking_uri)

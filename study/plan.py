@@ -33,10 +33,15 @@ def _lr(value) -> float | str:
     return value if value == "auto" else float(value)
 
 
-def data_config(spec: StudySpec) -> DataConfig:
+def data_config(spec: StudySpec, eval_on: str | None = None) -> DataConfig:
+    """The data of the study's trials. A search's trials always evaluate on the held-out validation split, the one
+    it selects on, whatever `data.eval_on` says; with `eval_on: test` only the selected configurations meet the
+    test split, after the search (`final_test.py`, which asks for `eval_on="test"`)."""
     d = spec.data
+    if eval_on is None:
+        eval_on = "val" if spec.search is not None else d.eval_on
     return DataConfig(dataset=d.dataset, root=d.root, subset=d.subset, val_size=d.val_size,
-                      labeled_fraction=d.labeled_fraction, augment=d.augment, eval_on=d.eval_on,
+                      labeled_fraction=d.labeled_fraction, augment=d.augment, eval_on=eval_on,
                       **({"crop": d.crop} if d.crop is not None else {}))
 
 

@@ -51,7 +51,9 @@ class DataSpec(Strict):
     val_size: int | float = 0.1  # held-out validation examples: a count, or a fraction of the training files
     labeled_fraction: Annotated[float, Field(gt=0, le=1)] = 1.0  # share of training examples that keep labels
     augment: bool = False  # random crop (pad 4) + flip on the training split (CIFAR-style)
-    eval_on: Literal["val", "test"] = "val"  # "val" = held-out split; "test" = official test split (no search then)
+    # "val" = the held-out split; "test" = the official test split. A search selects on the held-out split either
+    # way; with "test" its selected configurations (each model's best) are then evaluated on the test split.
+    eval_on: Literal["val", "test"] = "val"
     crop: Annotated[int, Field(ge=32)] | None = None  # imagefolder: input side in pixels (None = 224; resize 256/224 x crop)
 
     @field_validator("dataset")
@@ -355,10 +357,10 @@ class StudySpec(Strict):
                            + "; searchable: model, loss.weights.<level>, stages.<kind>.<param>")
         if s.algorithm == "grid" and any(d.type not in ("choice", "grid") for d in s.space.values()):
             out.append("search.algorithm: grid needs every space entry to be of type grid or choice")
-        if self.data.eval_on == "test":
-            out.append("data.eval_on: 'test' in a search would select configurations on the test split; search with "
-                       "eval_on: val (the held-out split), then run the chosen configuration without `search` and "
-                       "with eval_on: test to report its test error")
+        if self.data.eval_on == "test" and self.data.dataset != "imagefolder" and not self.data.val_size:
+            out.append("data.val_size: 0 leaves a search nothing to select on (it selects on the held-out "
+                       "validation split, and evaluates only the selected configurations on the test split); "
+                       "give val_size a count or a fraction")
         if s.scheduler is not None and len(self.seeds) > 1:
             out.append("search.scheduler: ASHA stops trials on one fine-tuning curve; use a single seed with it")
         if s.scheduler is not None and s.algorithm == "grid":

@@ -6,7 +6,6 @@ Called by the one MLflow writer (`records.py`) in the launcher process; nothing 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -20,9 +19,8 @@ from mlflow.entities import DatasetInput, InputTag
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
-from trainables.models import create_model, model_config
 from trainables.models.export import Classifier
-from trainables.stages.chain import MODEL_FILE, RECORD_FILE
+from trainables.stages.chain import load_network
 from trainables.stages.store import StageStore
 
 from .paths import is_tracking_server
@@ -54,12 +52,7 @@ def log_finetuned_model(tracking_uri: str, run_id: str, store: StageStore, stage
     """Log the stage's network as an MLflow pytorch model (a LoggedModel of the run, linked to the run's metrics at
     step 0, so log those first); loadable with `mlflow.pytorch.load_model` without the stage store, and without this
     package installed (its `trainables` code travels with the model). Returns the model id."""
-    entry = store.get(stage_key)
-    with open(os.path.join(entry.path, RECORD_FILE)) as f:
-        record = json.load(f)
-    network = create_model(model_config(record["stage"]["model"]))
-    state = torch.load(os.path.join(entry.path, MODEL_FILE), map_location="cpu", weights_only=True)
-    network.load_state_dict(state)
+    network, record = load_network(store, stage_key)
     model = Classifier(network, mean).eval()
     config = record["stage"]["model"]
     images = TensorSpec(np.dtype(np.float32), (-1, config["in_channels"], config["image_size"], config["image_size"]))

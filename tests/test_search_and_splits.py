@@ -31,7 +31,8 @@ from trainables.stages.store import StageStore
 TINY = {"data": {"subset": 300, "val_size": 100}, "model": {"encoder": "vgg_tiny"}}
 GOOD_LR, BAD_LR = 1.0e-4, 0.1  # two learning rates far apart: their fine-tunings differ at epoch 1
 SEARCH = {
-    "name": "asha-search", **TINY, "models": ["baseline"], "seeds": [0],
+    "name": "asha-search", "data": {**TINY["data"], "eval_on": "test"}, "model": TINY["model"],
+    "models": ["baseline"], "seeds": [0],
     "stages": {"classifier": {"epochs": 1, "batch_size": 64, "optimizer": {"name": "adam", "lr": 0.003}},
                "finetune": {"epochs": 3, "batch_size": 64, "optimizer": {"name": "adam", "lr": 0.003}}},
     "search": {"algorithm": "optuna", "num_samples": 4, "sampler_seed": 10,  # lr: 1e-4, 0.1, 1e-4 (reused), 0.1
@@ -138,8 +139,47 @@ def test_semi_supervised_training_error_counts_labeled_examples_only(work):
     assert names == {"eval/predictions.npz"}
 
 
-def test_a_search_never_selects_on_the_test_split():
-    spec = {**SEARCH, "data": {**TINY["data"], "eval_on": "test"}}
-    with pytest.raises(SpecError, match="data.eval_on: 'test' in a search would select configurations on the test"):
+@pytest.mark.ray
+def test_a_search_selects_on_validation_and_tests_only_the_selected_configuration(work, tmp_path):
+    """SEARCH has data.eval_on: test. Its trials (and Optuna) see the held-out split only; after the search the
+    best configuration's runs, and no other, get the error of their network on the official test split."""
+    uri = uri_of(work, "asha-search")
+    store = StageStore(str(work / "runs" / "store"))
+    held_out = build_data(DataConfig(subset=300, val_size=100, eval_on="val"), seed=0).val
+    test = build_data(DataConfig(subset=300, val_size=100, eval_on="test"), seed=0).val
+    assert len(held_out) == 100 and len(test) == 10000
+    trials = load_study(uri, "asha-search", curves=False).trials
+    done = trials[trials["status"] == "FINISHED"]
+    best_lr = done.loc[done["val_top1_err"].idxmin(), "params.stages.finetune.optimizer.lr"]
+    for run in runs_of(uri, "asha-search", "trial"):
+        if run.info.status != "FINISHED":
+            assert "test_top1_err" not in run.data.metrics
+            continue
+        model = create_model(read_record(store, run.data.tags["stage_keys"].split(",")[-1])["stage"]["model"])
+        path = store.get(run.data.tags["stage_keys"].split(",")[-1]).path
+        model.load_state_dict(torch.load(os.path.join(path, MODEL_FILE), weights_only=True))
+        # What was selected on: the held-out split (not the test split).
+        assert run.data.metrics["val_top1_err"] == pytest.approx(topk_errors(model, held_out, "cpu")["top1_err"])
+        selected = float(run.data.params["stages.finetune.optimizer.lr"]) == float(best_lr)
+        assert (run.data.tags.get("test_split") == "selected") == selected
+        if selected:
+            on_test = topk_errors(model, test, "cpu")
+            assert run.data.metrics["test_top1_err"] == pytest.approx(on_test["top1_err"])
+            assert run.data.metrics["test_top5_err"] == pytest.approx(on_test["top5_err"])
+            names = {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id, "eval")}
+            assert names == {"eval/test_predictions.npz"}
+        else:
+            assert "test_top1_err" not in run.data.metrics
+    page = write_report(uri, "asha-search", tmp_path, log_to_mlflow=False).read_text()
+    assert "selected on the <b>held-out validation split</b>" in page and "Test top-1 (%)" in page
+    table = pd.read_csv(tmp_path / "table.csv")
+    chosen = done[done["params.stages.finetune.optimizer.lr"].astype(float) == float(best_lr)]
+    assert chosen["test_top1_err"].notna().all()
+    assert table.loc[0, "test_top1_err_mean"] == pytest.approx(chosen["test_top1_err"].mean())
+
+
+def test_a_search_with_eval_on_test_needs_a_held_out_split():
+    spec = {**SEARCH, "data": {**TINY["data"], "val_size": 0, "eval_on": "test"}}
+    with pytest.raises(SpecError, match="data.val_size: 0 leaves a search nothing to select on"):
         parse_spec(spec)
-    parse_spec({**SEMI, "data": {**SEMI["data"], "eval_on": "test"}})  # no search: fixed configurations may
+    parse_spec({**SEMI, "data": {**SEMI["data"], "val_size": 0, "eval_on": "test"}})  # no search: nothing selected

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..data import DataBundle
-from ..models import create_model
+from ..models import create_model, model_config
 from ..semantics import SEMANTICS_VERSION
 from .balance import start_of_finetuning
 from .evaluate import evaluate_stage, topk_errors
@@ -85,6 +85,15 @@ def build_model(planned: PlannedStage, store: StageStore, seed: int) -> torch.nn
             raise ValueError(f"stage {planned.key}: parent {planned.parent} has weights this model cannot take: {bad[:5]}")
         model.load_state_dict(state, strict=False)
     return model
+
+
+def load_network(store: StageStore, key: str) -> tuple[torch.nn.Module, dict]:
+    """A stored stage's trained network (on the CPU, in eval mode) and its verified record."""
+    record = read_record(store, key)
+    network = create_model(model_config(record["stage"]["model"]))
+    network.load_state_dict(torch.load(os.path.join(store.get(key).path, MODEL_FILE), map_location="cpu",
+                                       weights_only=True))
+    return network.eval(), record
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
