@@ -41,6 +41,7 @@ plain sequential loop (`study_overhead`: `study_ratio`).
     python bench/overhead.py --quick        # start-up and tear-down only (a few minutes on an idle machine)
     python bench/overhead.py                # one model's 4 stages, probes, start-up A/B, the whole quickstart
     python bench/overhead.py --smoke        # tiny: vgg_tiny, 1 epoch per stage, the quickstart's smoke reduction
+                                            # with its sae-all model only
     python bench/overhead.py --repeats 2    # b a a b: medians
 
 Last line: one JSON object (ratio, study_ratio, train_start_s, train_teardown_s, platform_seconds, plain_seconds,
@@ -613,10 +614,11 @@ def study_overhead(spec_path: str, workdir: str, smoke: bool) -> dict:
     from study.launch import concurrency, launch
     from study.spec import load_spec
 
-    spec = load_spec(spec_path, smoke=smoke)
+    overrides = ["models=[sae-all]"] if smoke else []  # smoke: one trial (every stage kind), to exercise the path
+    spec = load_spec(spec_path, overrides, smoke=smoke)
     threads = concurrency(spec, ray.cluster_resources()) * max(1, int(spec.resources.cpus_per_worker))
     t0 = time.perf_counter()
-    launch(spec_path, results_dir=os.path.join(workdir, "study-platform"), smoke=smoke)
+    launch(spec_path, results_dir=os.path.join(workdir, "study-platform"), overrides=overrides, smoke=smoke)
     platform_s = time.perf_counter() - t0
 
     plain_s, precision, runtime = plain_study(spec, os.path.join(workdir, "study-plain-store"), threads)
