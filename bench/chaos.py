@@ -137,7 +137,22 @@ def record_problems(tracking_uri: str, study: str) -> dict:
             "repeated_metric_values": repeated}
 
 
-def attempt(work: Path, spec: dict, kind: str, at: float, ref: dict, timeout: float) -> dict:
+def registered_checkpoint(train_dir: Path) -> bool:
+    """Whether a Train run's controller has registered a checkpoint (its checkpoint manager's snapshot lists one):
+    a checkpoint directory alone is not enough, a worker killed before the controller took its report starts again."""
+    for snapshot in train_dir.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snapshot.read_text()).get("checkpoint_results"):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def attempt(work: Path, spec: dict, kind: str, at: float, ref: dict, timeout: float,
+            after_checkpoint: bool = False) -> dict:
+    """One launch with one kill (kind "worker" / "launcher"; "none": undisturbed). `after_checkpoint` (worker kills):
+    kill only once a Train checkpoint exists, so that the stage must go on from it."""
     import yaml
 
     work.mkdir(parents=True)
@@ -165,9 +180,9 @@ def attempt(work: Path, spec: dict, kind: str, at: float, ref: dict, timeout: fl
         elif kind == "worker" and killed is None and workers_seen and last_look - start - workers_seen[0] >= at:
             # `at` counts from the moment Train workers first appear: start-up times vary too much between
             # launches for a moment counted from the start to fall reliably inside a short Train run
-            if workers:  # else: no stage computing right now; try again shortly
+            checkpointed = registered_checkpoint(train_dir)
+            if workers and (checkpointed or not after_checkpoint):  # else: try again shortly
                 before = manifests(store_dir)
-                checkpointed = any(train_dir.glob("*/[0-9][0-9]-*-e[0-9][0-9][0-9][0-9]"))
                 os.kill(workers[0], signal.SIGKILL)
                 killed = "worker"
         time.sleep(0.05)
@@ -198,8 +213,8 @@ def attempt(work: Path, spec: dict, kind: str, at: float, ref: dict, timeout: fl
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--smoke", action="store_true", help="1 attempt (a Train worker kill) on 1 model x 1 seed; the "
-                   "launcher kills are what the test suite's micro study goes through")
+    p.add_argument("--smoke", action="store_true", help="1 attempt on 1 model x 1 seed: a Train worker killed once "
+                   "its run has a checkpoint (launcher kills: the test suite's micro study)")
     p.add_argument("--attempts", type=int, help="kills (half worker, half launcher; default 10, smoke 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill schedule")
     p.add_argument("--workdir", help="keep the attempts here (default: a temporary directory)")
@@ -216,12 +231,17 @@ def main() -> None:
         t0 = time.time()
         ref = reference(base / "chaos.yaml")
         ref_seconds = time.time() - t0
-        # The length of an undisturbed launch (start-up to exit) sets the range of kill moments.
-        t0 = time.time()
-        clean = attempt(base / "undisturbed", spec, "none", float("inf"), ref, timeout=1800)
-        length = time.time() - t0
-        print(f"undisturbed launch: {length:.0f} s, identical to the reference: {clean['identical']}", flush=True)
         results = []
+        if args.smoke:  # one Train worker killed as soon as its run has a checkpoint: the retry line must show
+            res = attempt(base / "attempt-00", spec, "worker", 0.0, ref, timeout=1800, after_checkpoint=True)
+            print(json.dumps(res), flush=True)
+            results.append(res)
+            attempts, clean, length = 0, {"identical": None}, 0.0
+        else:  # the length of an undisturbed launch (start-up to exit) sets the range of kill moments
+            t0 = time.time()
+            clean = attempt(base / "undisturbed", spec, "none", float("inf"), ref, timeout=1800)
+            length = time.time() - t0
+            print(f"undisturbed launch: {length:.0f} s, identical to the reference: {clean['identical']}", flush=True)
         for i in range(attempts):
             kind = "worker" if i % 2 == 0 else "launcher"
             # launcher: from its first second on, start-up included; a moment past the end of this launch (the
@@ -243,8 +263,8 @@ def main() -> None:
         "repeated_metric_values": sum(r["repeated_metric_values"] for r in results),
         "retry_lines": sum(r.get("retry_line", False) for r in results),
         "worker_kills_after_a_checkpoint": sum(r.get("checkpointed_before_kill", False) for r in results),
-        "undisturbed_identical": clean["identical"],
-        "undisturbed_launch_s": round(length, 1),
+        "undisturbed_identical": clean["identical"],  # None in smoke mode (no undisturbed launch)
+        "undisturbed_launch_s": None if args.smoke else round(length, 1),
         "reference_s": round(ref_seconds, 1),
         "stages": len(ref),
         "seed": args.seed,

@@ -465,15 +465,19 @@ def startup_probe(workdir: str, tag: str, env: dict[str, str], cpus: float) -> d
             "process_cpu_s": cpu.by_process(), "processes_started": len(cpu.cpu)}
 
 
-def startup_ab(workdir: str, rounds: int, cpus: float) -> dict:
+def startup_ab(workdir: str, rounds: int, cpus: float, defaults: bool = True) -> dict:
     """Ray Train's fixed cost with the platform's settings (TRAIN_ENV) and with Ray's defaults, runs interleaved
-    (A B B A ...) so that other load on the machine hits both alike; medians per variant."""
+    (A B B A ...) so that other load on the machine hits both alike; medians per variant (`defaults=False`: the
+    platform's settings only)."""
     from trainables.stages.on_ray import TRAIN_ENV
 
     variants = {"platform": dict(TRAIN_ENV), "ray_defaults": dict(RAY_DEFAULTS)}
+    if not defaults:
+        del variants["ray_defaults"]
     runs: dict[str, list] = {v: [] for v in variants}
     for r in range(rounds):
-        for v in (("platform", "ray_defaults") if r % 2 == 0 else ("ray_defaults", "platform")):
+        for v in [v for v in (("platform", "ray_defaults") if r % 2 == 0 else ("ray_defaults", "platform"))
+                  if v in variants]:
             res = startup_probe(workdir, f"{v}-{r}", variants[v], cpus)
             runs[v].append(res)
             print(f"  start-up probe {v:13s} start {res['start_s']:6.2f} s  teardown {res['teardown_s']:5.2f} s  "
@@ -657,7 +661,8 @@ def quick(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny subset, 1 epoch per stage, short probe, no what-if")
+    parser.add_argument("--smoke", action="store_true", help="tiny subset, 1 epoch per stage, short probe, no what-if, the platform's "
+                        "start-up only, one study trial")
     parser.add_argument("--subset", type=int, default=6000, help="Fashion-MNIST training examples (before the val split)")
     parser.add_argument("--val-size", type=int, default=1000)
     parser.add_argument("--budgets", default="3,1,1,2", help="epochs of classifier,layerwise,topdown,finetune")
@@ -744,7 +749,7 @@ def main() -> None:
 
         print(f"Ray Train start-up and tear-down, the platform's settings vs Ray's defaults ({args.startup_rounds} "
               "rounds) ...", flush=True)
-        startup = startup_ab(workdir, args.startup_rounds, cpus=1)
+        startup = startup_ab(workdir, args.startup_rounds, cpus=1, defaults=not args.smoke)
         study = None
         if args.study:
             print(f"whole study: {args.study}{' (smoke)' if args.smoke else ''} through the platform, then a plain "

@@ -30,10 +30,13 @@ def needs_test(spec: StudySpec) -> bool:
     return spec.search is not None and spec.data.eval_on == "test"
 
 
-def evaluate_on_test(store_uri: str, cfg, seed: int, stage_key: str) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+def evaluate_on_test(store_uri: str, cfg, seed: int, stage_key: str, threads: int = 1
+                     ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """(test_top1_err / test_top5_err in percent, per-image `test_top1_wrong` / `test_top5_wrong`) of a stored
     stage's network on the test split of `cfg` (a DataConfig with eval_on="test") for `seed`."""
     import torch
+
+    torch.set_num_threads(max(1, threads))
 
     from trainables.data import build_data
     from trainables.stages.chain import load_network
@@ -74,10 +77,11 @@ def run_final_tests(spec: StudySpec, tracking_uri: str, store_uri: str) -> int:
         return 0
     print(f"study: evaluating the {len(chosen)} trial run(s) of each model's best configuration (selected on the "
           "validation split) on the test split", file=sys.stderr, flush=True)
-    r = spec.resources
+    r = spec.resources  # (the cores of stopped trials are back: study/janitor.py)
     task = ray.remote(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker)(evaluate_on_test)
     cfg = data_config(spec, eval_on="test")
-    pending = {row.run_id: task.remote(store_uri, cfg, int(row.seed), row.stage_keys.split(",")[-1])
+    threads = int(r.cpus_per_worker)
+    pending = {row.run_id: task.remote(store_uri, cfg, int(row.seed), row.stage_keys.split(",")[-1], threads)
                for row in chosen.itertuples()}
     client = mlflow.MlflowClient(tracking_uri)
     for run_id, ref in pending.items():

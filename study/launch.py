@@ -21,6 +21,7 @@ import yaml
 from .claims import ClusterClaims, registry_for
 from .cluster import check_storage, cluster_capacity, trial_driver_resources
 from .final_test import run_final_tests
+from .janitor import PlacementGroupJanitor
 from .paths import StudyPaths, is_uri, join
 from .plan import OptunaSpace, grid_space
 from .progress import Progress
@@ -117,7 +118,7 @@ def _callbacks(spec: StudySpec, paths: StudyPaths, spec_text: str, precision: st
                               note=spec.description.strip(), data_settings=spec.data.model_dump(),
                               system_metrics=spec.system_metrics, optuna_storage=optuna)
     epochs = {kind: s.epochs for kind, s in spec.stages.items()}
-    callbacks = [recorder, Progress(total_trials(spec), epochs)]
+    callbacks = [recorder, Progress(total_trials(spec), epochs), PlacementGroupJanitor()]
     if optuna:
         from .search import OptunaEpochValues
 

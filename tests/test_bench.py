@@ -42,12 +42,11 @@ def test_overhead_smoke(tmp_path):
 @pytest.mark.ray
 def test_chaos_smoke_recovers_identical_results(tmp_path):
     out = run_smoke("chaos", tmp_path)
-    assert out["attempts"] == 1 and out["undisturbed_identical"] is True
-    assert out["recovered_identical"] == 1, out
+    assert out["attempts"] == 1 and out["recovered_identical"] == 1, out  # identical to the plain-PyTorch run
     assert (out["stages_recomputed"], out["orphan_runs"], out["duplicated_runs"], out["repeated_metric_values"]) == (0, 0, 0, 0)
     # A Train worker killed after a checkpoint: its stage goes on from it, and the CLI says so in a line of its own.
-    assert out["kills"] == {"worker": 1}, out
-    assert out["retry_lines"] == out["worker_kills_after_a_checkpoint"], out
+    assert out["kills"] == {"worker": 1} and out["worker_kills_after_a_checkpoint"] == 1, out
+    assert out["retry_lines"] == 1, out
 
 
 def test_throughput_smoke_reports_bf16_speedup_and_peak_fraction_per_model(tmp_path):

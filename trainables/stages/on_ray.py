@@ -63,11 +63,15 @@ class SegmentJob:
 def _worker(job: SegmentJob) -> None:
     import ray  # [ray] worker context, report, checkpoint
     import ray.train
+    import ray.util
     import ray.train.torch
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     node_id = ray.get_runtime_context().get_node_id()  # where the stage ran (a tag of its MLflow run)
+    # The run's placement group, in every report: the launcher removes it if Tune stops the trial (study/janitor.py).
+    group = ray.util.get_current_placement_group()
+    placement = {"placement_group": group.id.hex() if group is not None else ""}
     # The cores this worker was given are the threads it computes with (Ray's OMP_NUM_THREADS comes too late
     # once torch has started its thread pool).
     torch.set_num_threads(max(1, math.floor(job.scaling.cpus_per_worker)))
@@ -87,7 +91,7 @@ def _worker(job: SegmentJob) -> None:
         first, resume = saved["stage_index"], saved["state"]
         planned = job.segment[first]
         ray.train.report({"event": "stage_retry", "stage": planned.stage.kind, "stage_key": planned.key,  # [ray]
-                          "epoch": resume["epoch"],
+                          "epoch": resume["epoch"], **placement,
                           **_asha_fields(planned, 0, {}, job.objective_metric)})
 
     wrap = (lambda m: ray.train.torch.prepare_model(m, move_to_device=False)) if world > 1 else (lambda m: m)
@@ -96,7 +100,8 @@ def _worker(job: SegmentJob) -> None:
 
         def on_epoch(epoch, metrics, state, index=index, planned=planned):
             report = {"event": "epoch", "stage": planned.stage.kind, "stage_key": planned.key, "epoch": epoch,
-                      "node_id": node_id, **metrics, **_asha_fields(planned, epoch, metrics, job.objective_metric)}
+                      "node_id": node_id, **placement, **metrics,
+                      **_asha_fields(planned, epoch, metrics, job.objective_metric)}
             with tempfile.TemporaryDirectory() as d:
                 ckpt = None
                 if rank == 0:
@@ -112,7 +117,8 @@ def _worker(job: SegmentJob) -> None:
         final = run_stage(planned, store, data, runtime, job.seed, resume=resume if index == first else None,
                           on_epoch=on_epoch, wrap=wrap, publish=rank == 0, code_version=job.code_version)
         ray.train.report({"event": "stage_end", "stage": planned.stage.kind, "stage_key": planned.key,
-                          **final, **_asha_fields(planned, planned.stage.settings.epochs, final, job.objective_metric)})
+                          **placement, **final,
+                          **_asha_fields(planned, planned.stage.settings.epochs, final, job.objective_metric)})
 
 
 def _asha_fields(planned: PlannedStage, epoch: int, metrics: dict, objective: str) -> dict:
