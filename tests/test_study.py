@@ -251,6 +251,25 @@ def test_ctrl_c_stops_the_study_cleanly_and_says_how_to_resume(micro):
 
 
 @pytest.mark.ray
+def test_sigterm_stops_the_study_with_exit_143_and_no_run_left_running(micro):
+    """SIGTERM to the launcher alone (as `kill` or a service manager sends it), once a trial runs."""
+    work = micro["work"]
+    spec = write_spec(work, tiny_spec("terminated", ["baseline"]))
+    log = work / "terminated.log"
+    proc = launch_bg(["launch", str(spec), "--no-report"], work, log)
+    wait_for(lambda: "started:" in log.read_text(), proc, log)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 143, log.read_text()[-3000:]
+    out = log.read_text()
+    assert "SIGTERM received" in out and "Continue with: study resume terminated" in out, out[-3000:]
+    assert "Traceback" not in out
+    uri = f"sqlite:///{work / 'runs' / 'terminated' / 'mlflow.db'}"
+    runs = [r for role in ("study", "trial", "stage") for r in runs_of(uri, "terminated", role)]
+    assert runs and all(r.info.status != "RUNNING" for r in runs), [(r.data.tags.get("role"), r.info.status) for r in runs]
+    assert all(r.info.status == "KILLED" for r in runs_of(uri, "terminated", "study"))
+
+
+@pytest.mark.ray
 def test_every_interruption_recovers_the_undisturbed_results_and_records(micro):
     chaos = chaos_module()
     ref = chaos.reference(micro["work"] / "micro.yaml")  # plain PyTorch, one process, nothing interrupted
