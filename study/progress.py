@@ -13,6 +13,8 @@ import time
 
 from ray import tune  # [ray] the callback interface
 
+from .plan import trial_config
+
 
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
@@ -41,7 +43,7 @@ class Progress(tune.Callback):
     def _label(self, trial) -> str:
         ids = sorted(t.trial_id for t in self.trials)  # ids count up in creation order; a restore keeps them
         number = ids.index(trial.trial_id) + 1 if trial.trial_id in ids else "?"
-        return f"[{number:>2}/{self.total} {self.labels.get(trial.trial_id, trial.config.get('model', '?'))}]"
+        return f"[{number:>2}/{self.total} {self.labels.get(trial.trial_id, trial_config(trial.config).get('model', '?'))}]"
 
     def _tail(self) -> str:
         done = sum(t.status in ("TERMINATED", "ERROR") for t in self.trials)

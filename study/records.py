@@ -27,6 +27,7 @@ from ray import tune  # [ray] the callback interface
 from trainables.stages.chain import INVERT_FILE, PREDICTIONS_FILE, RECORD_FILE
 from trainables.stages.store import StageStore
 
+from .plan import trial_config
 from .tracking import log_data_input, log_finetuned_model, standard_tags
 
 FINAL_KEYS = ("train_top1_err", "train_top5_err", "val_top1_err", "val_top5_err",
@@ -199,7 +200,7 @@ class MlflowRecorder(tune.Callback):
             self._current_seed[trial_id] = int(result["seed"])
             self._trial_run(trial_id, int(result["seed"]), result)
             return
-        seed = int(result.get("seed", self._current_seed.get(trial_id, trial.config.get("seed", 0))))
+        seed = int(result.get("seed", self._current_seed.get(trial_id, trial_config(trial.config).get("seed", 0))))
         if event == "epoch" and result.get("replayed"):
             return  # a stored stage's curve, replayed for the scheduler: stage_done logs it from the store
         if event == "epoch":
@@ -278,8 +279,8 @@ class MlflowRecorder(tune.Callback):
                 self.client.set_terminated(run_id, "KILLED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        seed = self._current_seed.get(trial.trial_id, trial.config.get("seed", 0))
-        run_id = self._trial_run(trial.trial_id, int(seed), {"model": trial.config.get("model", "")})
+        seed = self._current_seed.get(trial.trial_id, trial_config(trial.config).get("seed", 0))
+        run_id = self._trial_run(trial.trial_id, int(seed), {"model": trial_config(trial.config).get("model", "")})
         error = ""
         if trial.error_file and os.path.exists(trial.error_file):
             with open(trial.error_file) as f:

@@ -18,7 +18,7 @@ from trainables.stages.chain import read_record, why_recomputed
 from trainables.stages.on_ray import SegmentJob, ensure_chain
 from trainables.stages.store import StageStore
 
-from .plan import data_config, resolve, scaling
+from .plan import data_config, resolve, scaling, trial_config
 from .spec import StudySpec
 
 
@@ -37,6 +37,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     spec = ctx.spec
+    config = trial_config(config)
     metric = spec.objective.metric
     store = StageStore(ctx.store_uri, claims=ctx.claims)
     seeds = [int(config["seed"])] if "seed" in config else list(spec.seeds)

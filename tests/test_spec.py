@@ -155,3 +155,19 @@ def test_unknown_study_names_are_refused(tmp_path, monkeypatch, capsys):
         assert main([command, "nothing-here"]) == 2
         assert "no study 'nothing-here'" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+
+
+def test_an_ablation_grid_varies_seeds_fastest_and_covers_every_pair():
+    """Trials that start together use different seeds' classifiers (no trial waits for another's classifier), and a
+    grid search still runs every (model, seed, value) combination once."""
+    from ray.tune.search.variant_generator import generate_variants
+
+    from study.plan import grid_space, trial_config
+
+    spec = parse_spec({**GOOD, "seeds": [0, 1, 2], "search": {
+        "algorithm": "grid", "num_samples": 1,
+        "space": {"loss.weights.image": {"type": "grid", "values": [0.1, 0.01]}}}})
+    configs = [trial_config(config) for _, config in generate_variants(grid_space(spec))]
+    assert [c["seed"] for c in configs[:3]] == [0, 1, 2]
+    assert sorted((c["model"], c["seed"], c["loss.weights.image"]) for c in configs) == sorted(
+        (m, s, w) for m in ("baseline", "swwae-all") for s in (0, 1, 2) for w in (0.1, 0.01))
