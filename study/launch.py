@@ -167,7 +167,12 @@ def build_tuner(spec: StudySpec, paths: StudyPaths, spec_text: str, restore: boo
         param_space=param_space,
         tune_config=tune.TuneConfig(metric="objective", mode="min", search_alg=search_alg, scheduler=scheduler,
                                     num_samples=num_samples,
-                                    max_concurrent_trials=concurrency(spec, cluster_capacity())),
+                                    max_concurrent_trials=concurrency(spec, cluster_capacity()),
+                                    # A trial's driver process (imports of torch, Ray Tune and the project: seconds
+                                    # of CPU) is kept for the next trial instead of a new one per trial; not when
+                                    # a scheduler stops trials: a stopped trial's Train run must end with its
+                                    # process, not go on inside the next trial's.
+                                    reuse_actors=scheduler is None),
         run_config=tune.RunConfig(name=TUNE_NAME, storage_path=paths.tune_storage, verbose=0,
                                   callbacks=_callbacks(spec, paths, spec_text, precision),
                                   failure_config=tune.FailureConfig(max_failures=0)),
