@@ -1,6 +1,6 @@
 """Train-step throughput of every model against the machine's peak, in fp32 and bf16, NCHW and NHWC.
 
-For each of the 7 paper models (vgg_small at 28x28, batch 128, the quickstart's setting): images/s of its joint
+For each of the 7 paper models (vgg_small at 28x28, batch 128): images/s of its joint
 training step (all parameters, cross-entropy + every reconstruction level: bench/step_time.py's step) in each
 precision x layout, and the achieved FLOP/s (forward + backward FLOPs of one step, counted by
 torch.utils.flop_counter, over its time) as a fraction of the machine's peak in that precision, measured with a
