@@ -39,13 +39,15 @@ starts (`startup_ab`); and (full and smoke) the whole quickstart through the pla
 plain sequential loop (`study_overhead`: `study_ratio`).
 
     python bench/overhead.py --quick        # start-up and tear-down only (a few minutes on an idle machine)
+    python bench/overhead.py --study-only   # the whole quickstart only, platform vs plain loop (study_ratio)
     python bench/overhead.py                # one model's 4 stages, probes, start-up A/B, the whole quickstart
     python bench/overhead.py --smoke        # tiny: vgg_tiny, 1 epoch per stage, the quickstart's smoke reduction
                                             # with its sae-all model only
     python bench/overhead.py --repeats 2    # b a a b: medians
 
 Last line: one JSON object (ratio, study_ratio, train_start_s, train_teardown_s, platform_seconds, plain_seconds,
-ray_init_seconds, startup, study, breakdown, ...); --quick: train_start_s, train_teardown_s and startup only.
+ray_init_seconds, startup, study, breakdown, ...); --quick: train_start_s, train_teardown_s and startup only;
+--study-only: study_ratio and study only.
 """
 
 from __future__ import annotations
@@ -657,6 +659,27 @@ def quick(args) -> None:
                       "ray_init_seconds": round(ray_init, 2), "startup": ab, "load": machine_load()}))
 
 
+def study_only(args) -> None:
+    """--study-only: `study_overhead` of --study alone, Ray started as the study launcher starts it."""
+    import ray
+
+    from study.launch import init_ray
+
+    workdir = args.workdir or tempfile.mkdtemp(prefix="bench-overhead-")
+    init_ray(None)
+    try:
+        study = study_overhead(args.study, workdir, args.smoke)
+    finally:
+        ray.shutdown()
+    if args.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"\nplatform {study['platform_seconds']} s, plain {study['plain_seconds']} s -> study_ratio "
+          f"{study['study_ratio']} (goal <= 1.3); load {machine_load()}")
+    print(json.dumps({"bench": "overhead", "mode": "study-only", "smoke": args.smoke,
+                      "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                      "study_ratio": study["study_ratio"], "study": study, "load": machine_load()}))
+
+
 # -- main -----------------------------------------------------------------------------------------------------------
 
 def main() -> None:
@@ -676,12 +699,16 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="stores and Train runs (default: a temp dir, removed)")
     parser.add_argument("--quick", action="store_true",
                         help="only Ray Train's start-up and tear-down (platform settings vs Ray's defaults): minutes")
+    parser.add_argument("--study-only", action="store_true",
+                        help="only the whole study (--study) through the platform and through a plain loop")
     parser.add_argument("--startup-rounds", type=int, default=3, help="A/B rounds of the start-up probe")
     parser.add_argument("--study", default=os.path.join(REPO, "studies", "quickstart.yaml"),
                         help="the study run through the platform and through a plain loop ('' = skip)")
     args = parser.parse_args()
     if args.quick:
         return quick(args)
+    if args.study_only:
+        return study_only(args)
     if args.smoke:
         args.subset, args.val_size, args.budgets, args.encoder = 400, 100, "1,1,1,1", "vgg_tiny"
         args.what_if_poll, args.probe_checkpoints, args.probe_reports, args.repeats = 0, 1, 1, 1
