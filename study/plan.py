@@ -79,7 +79,8 @@ def resolve(spec: StudySpec, config: dict, shape: tuple[int, int, int] | None = 
                                       weight_decay=float(s["optimizer"]["weight_decay"]),
                                       group_lrs=tuple(sorted(s["optimizer"]["group_lrs"].items())),
                                       lr_grid=tuple(float(r) for r in s["optimizer"]["lr_grid"]),
-                                      probe_steps=int(s["optimizer"]["probe_steps"]) if s["optimizer"]["lr"] == "auto" else 0),
+                                      probe_steps=int(s["optimizer"]["probe_steps"]) if s["optimizer"]["lr"] == "auto" else 0,
+                                      schedule=s["optimizer"]["schedule"]),
         )
         for kind, s in stages.items()
     }
@@ -102,7 +103,8 @@ def resolve(spec: StudySpec, config: dict, shape: tuple[int, int, int] | None = 
                        f"stages.{stage.kind}.optimizer.name": s.optimizer.name,
                        f"stages.{stage.kind}.optimizer.lr": s.optimizer.lr,
                        f"stages.{stage.kind}.optimizer.momentum": s.optimizer.momentum,
-                       f"stages.{stage.kind}.optimizer.weight_decay": s.optimizer.weight_decay})
+                       f"stages.{stage.kind}.optimizer.weight_decay": s.optimizer.weight_decay,
+                       f"stages.{stage.kind}.optimizer.schedule": s.optimizer.schedule})
     return TrialPlan(model, settings, loss, params)
 
 

@@ -92,6 +92,8 @@ class OptimizerSpec(Strict):
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9  # SGD momentum
     weight_decay: NonNegativeFloat = 0.0  # L2 penalty
     group_lrs: dict[str, PositiveFloat] = {}  # per parameter-group learning rates, e.g. {decoder1: 0.001}
+    # constant: the rates as given | cosine: every rate annealed per step from its base value to 0 over the stage
+    schedule: Literal["constant", "cosine"] = "constant"
 
 
 class StageSpec(Strict):

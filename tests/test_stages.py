@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import replace
 
@@ -9,9 +10,9 @@ import pytest
 import torch
 
 from trainables.data import DataConfig, build_data
-from trainables.models import PAPER_VARIANTS, model_config
+from trainables.models import PAPER_VARIANTS, create_model, model_config
 from trainables.stages.chain import MODEL_FILE, RECORD_FILE, plan, read_record, run_chain_locally
-from trainables.stages.loop import Runtime
+from trainables.stages.loop import Runtime, lr_factor, make_optimizer, prepare, train_epoch
 from trainables.stages.on_ray import Scaling, SegmentJob, ensure_chain
 from trainables.stages.procedure import LossConfig, OptimizerConfig, StageSettings, procedure
 from trainables.stages.store import StageStore
@@ -19,16 +20,18 @@ from trainables.stages.store import StageStore
 KINDS = ("classifier", "layerwise", "topdown", "finetune")
 
 
-def settings(epochs=1, **kw):
-    return {k: StageSettings(epochs=epochs, batch_size=64, optimizer=OptimizerConfig(lr=0.05), **kw) for k in KINDS}
+def settings(epochs=1, schedule="constant", **kw):
+    return {k: StageSettings(epochs=epochs, batch_size=64, optimizer=OptimizerConfig(lr=0.05, schedule=schedule), **kw)
+            for k in KINDS}
 
 
 def tiny(variant):
     return model_config(dict(variant=variant, encoder="vgg_tiny", in_channels=1, image_size=28))
 
 
-def chain_for(variant, identity, seed, epochs=1):
-    return plan(procedure(tiny(variant), settings(epochs), LossConfig(weights=(("image", 1e-3),))), identity, seed)
+def chain_for(variant, identity, seed, epochs=1, schedule="constant"):
+    return plan(procedure(tiny(variant), settings(epochs, schedule), LossConfig(weights=(("image", 1e-3),))),
+                identity, seed)
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +81,41 @@ def test_keys_change_with_anything_that_determines_the_output():
     assert chain_for("swwae-all", "data-x", 1)[0].key != base[0].key
     longer = chain_for("swwae-all", "data-x", 0, epochs=2)
     assert all(a.key != b.key for a, b in zip(base, longer))
+    annealed = chain_for("swwae-all", "data-x", 0, schedule="cosine")
+    assert all(a.key != b.key for a, b in zip(base, annealed))
     # A change in the fine-tuning loss weights changes only the fine-tuning stage.
     other = plan(procedure(tiny("swwae-all"), settings(), LossConfig(weights=(("image", 1e-2),))), "data-x", 0)
     assert [a.key == b.key for a, b in zip(base, other)] == [True, True, True, False]
+
+
+def test_cosine_schedule_anneals_every_group_from_its_base_rate_towards_zero_per_step(data_cfg):
+    assert [lr_factor("cosine", s, 4) for s in range(4)] == pytest.approx([1, (1 + math.sqrt(0.5)) / 2, 0.5,
+                                                                           (1 - math.sqrt(0.5)) / 2])
+    assert lr_factor("constant", 3, 4) == 1
+    data = build_data(data_cfg, 0)  # 300 training examples: 4 full batches of 64 and one of 44 per epoch
+    stage = next(s for s in procedure(tiny("swwae-all"), settings(2, "cosine"), LossConfig(weights=(("image", 1e-3),)))
+                 if s.kind == "finetune")
+    stage = replace(stage, settings=replace(stage.settings, optimizer=replace(
+        stage.settings.optimizer, group_lrs=(("decoder*", 0.01),))))
+    model = prepare(create_model(stage.model), stage, Runtime())
+    optimizer = make_optimizer(model, stage)
+    bases = [g["lr"] for g in optimizer.param_groups]
+    assert set(bases) == {0.01, 0.05}  # the decoder blocks' own rate and the classifier's
+    seen = []
+    step = optimizer.step
+
+    def recording_step(*a, **kw):
+        seen.append([g["lr"] for g in optimizer.param_groups])
+        return step(*a, **kw)
+
+    optimizer.step = recording_step
+    for epoch in (1, 2):
+        train_epoch(model, stage, data, optimizer, Runtime(), 0, epoch)
+    total = 2 * math.ceil(300 / 64)
+    assert len(seen) == total
+    for i, rates in enumerate(seen):
+        assert rates == pytest.approx([b * 0.5 * (1 + math.cos(math.pi * i / total)) for b in bases])
+    assert max(seen[-1]) < 0.05 * 0.03  # the last step runs at under 3% of the base rate
 
 
 @pytest.mark.ray
@@ -110,7 +145,8 @@ def test_swwae_all_runs_on_ray_train_then_sae_all_reuses_the_classifier(ray_loca
 @pytest.mark.ray
 def test_interrupted_stage_resumes_from_its_checkpoint_to_identical_weights(ray_local, data_cfg, tmp_path):
     identity = build_data(data_cfg, 0).identity
-    chain = chain_for("baseline", identity, 0, epochs=3)[:1]  # the classifier stage, 3 epochs
+    # The classifier stage, 3 epochs, with a cosine schedule: the resumed epochs continue the same rate curve.
+    chain = chain_for("baseline", identity, 0, epochs=3, schedule="cosine")[:1]
 
     def run(name, **faults):
         store = StageStore(str(tmp_path / name))

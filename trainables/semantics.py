@@ -13,7 +13,7 @@ import ast
 import hashlib
 from pathlib import Path
 
-SEMANTICS_VERSION = 2
+SEMANTICS_VERSION = 3
 
 _ROOT = Path(__file__).resolve().parent
 SEMANTICS_SOURCES = (

@@ -57,13 +57,32 @@ def set_deterministic(on: bool) -> None:
 
 
 def make_optimizer(model: nn.Module, stage: Stage) -> torch.optim.Optimizer:
+    """The stage's optimizer; every group keeps its base rate as `initial_lr` (saved with the optimizer's state)."""
     opt = stage.settings.optimizer
     if not isinstance(opt.lr, float):
         raise ValueError(f"stage {stage.kind!r}: lr {opt.lr!r} must be resolved to rates first (lr_probe.resolve_lr)")
     groups = optimizer_groups(model, stage.train, opt.lr, dict(opt.group_lrs))
     if opt.name == "sgd":
-        return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
-    return torch.optim.Adam(groups, lr=opt.lr, weight_decay=opt.weight_decay)
+        optimizer = torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(groups, lr=opt.lr, weight_decay=opt.weight_decay)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"]
+    return optimizer
+
+
+def lr_factor(schedule: str, step: int, total: int) -> float:
+    """Multiplier of the base rates for optimizer step `step` (0-based) of the stage's `total` steps.
+
+    constant: 1. cosine: 0.5 (1 + cos(pi step / total)), from 1 at the first step towards 0 at the last (torch's
+    CosineAnnealingLR with T_max = total and eta_min = 0, stepped per batch). A pure function of the step, so a
+    stage resumed from an epoch's checkpoint continues the same curve.
+    """
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * step / total))
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -119,9 +138,15 @@ def train_epoch(model, stage: Stage, data: DataBundle, optimizer, runtime: Runti
                          **common)
     autocast = precision_autocast(runtime.precision, device)
     model.train()
+    schedule = stage.settings.optimizer.schedule
+    steps = len(batches)  # the same every epoch
     sums: dict[str, torch.Tensor] = {}
     n = 0
     for x, y in batches:
+        if schedule != "constant":
+            factor = lr_factor(schedule, (epoch - 1) * steps + n, steps * stage.settings.epochs)
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * factor
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if runtime.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

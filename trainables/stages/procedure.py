@@ -25,6 +25,7 @@ KINDS = ("classifier", "layerwise", "topdown", "finetune", "pretrain")
 
 
 AUTO = "auto"
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -36,10 +37,13 @@ class OptimizerConfig:
     group_lrs: tuple[tuple[str, float], ...] = ()  # (group pattern, lr) overrides, e.g. (("decoder1", 1e-3),)
     lr_grid: tuple[float, ...] = ()  # lr "auto": the rates probed (the paper: largest loss drop wins)
     probe_steps: int = 0  # lr "auto": optimizer steps of each probe (the paper: 2000 iterations)
+    schedule: str = "constant"  # constant | cosine: every rate annealed per step from its base to 0 over the stage
 
     def __post_init__(self):
         if self.name not in ("sgd", "adam"):
             raise ValueError(f"unknown optimizer {self.name!r}; known: sgd, adam")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown learning-rate schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
         if self.lr == AUTO:
             if not self.lr_grid or any(r <= 0 for r in self.lr_grid) or self.probe_steps < 1:
                 raise ValueError("lr 'auto' needs lr_grid (rates > 0) and probe_steps >= 1")
