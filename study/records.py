@@ -200,7 +200,7 @@ class MlflowRecorder(tune.Callback):
             self._current_seed[trial_id] = int(result["seed"])
             self._trial_run(trial_id, int(result["seed"]), result)
             return
-        seed = int(result.get("seed", self._current_seed.get(trial_id, trial_config(trial.config).get("seed", 0))))
+        seed = int(result["seed"]) if "seed" in result else self._seed_of(trial)
         if event == "epoch" and result.get("replayed"):
             return  # a stored stage's curve, replayed for the scheduler: stage_done logs it from the store
         if event == "epoch":
@@ -278,9 +278,15 @@ class MlflowRecorder(tune.Callback):
             if self.client.get_run(run_id).info.status == "RUNNING":
                 self.client.set_terminated(run_id, "KILLED")
 
+    def _seed_of(self, trial) -> int:
+        """The seed a trial runs now: the last one it reported, else its config's."""
+        if trial.trial_id in self._current_seed:
+            return self._current_seed[trial.trial_id]
+        return int(trial_config(trial.config).get("seed", 0))
+
     def on_trial_error(self, iteration, trials, trial, **info):
-        seed = self._current_seed.get(trial.trial_id, trial_config(trial.config).get("seed", 0))
-        run_id = self._trial_run(trial.trial_id, int(seed), {"model": trial_config(trial.config).get("model", "")})
+        model = trial_config(trial.config).get("model", "")
+        run_id = self._trial_run(trial.trial_id, self._seed_of(trial), {"model": model})
         error = ""
         if trial.error_file and os.path.exists(trial.error_file):
             with open(trial.error_file) as f:
