@@ -53,6 +53,7 @@ ray_init_seconds, startup, study, breakdown, ...); --quick: train_start_s, train
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -633,24 +634,30 @@ def study_overhead(spec_path: str, workdir: str, smoke: bool) -> dict:
             "plain_threads": threads, "precision": precision, "channels_last": runtime.channels_last}
 
 
-def quick(args) -> None:
-    """--quick: Ray Train's fixed cost per run only, Ray started as the study launcher starts it."""
+@contextlib.contextmanager
+def launcher_session(args):
+    """(work directory, seconds of ray.init): Ray started as the study launcher starts it; both gone afterwards."""
+    import ray
+
     from study.launch import init_ray
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench-overhead-")
     t0 = time.perf_counter()
     init_ray(None)
-    ray_init = time.perf_counter() - t0
-    print(f"ray.init (as the launcher): {ray_init:.1f} s; {args.startup_rounds} A/B rounds, load {machine_load()}",
-          flush=True)
     try:
-        ab = startup_ab(workdir, args.startup_rounds, cpus=1)
+        yield workdir, time.perf_counter() - t0
     finally:
-        import ray
-
         ray.shutdown()
-    if args.workdir is None:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def quick(args) -> None:
+    """--quick: Ray Train's fixed cost per run only, Ray started as the study launcher starts it."""
+    with launcher_session(args) as (workdir, ray_init):
+        print(f"ray.init (as the launcher): {ray_init:.1f} s; {args.startup_rounds} A/B rounds, load {machine_load()}",
+              flush=True)
+        ab = startup_ab(workdir, args.startup_rounds, cpus=1)
     p, d = ab["platform"], ab["ray_defaults"]
     print(f"\nTrain start-up {p['start_s']:.2f} s (Ray's defaults {d['start_s']:.2f} s), tear-down {p['teardown_s']:.2f} s "
           f"(Ray's defaults {d['teardown_s']:.2f} s); goals <= 4 s and <= 1 s; load {machine_load()}")
@@ -661,18 +668,8 @@ def quick(args) -> None:
 
 def study_only(args) -> None:
     """--study-only: `study_overhead` of --study alone, Ray started as the study launcher starts it."""
-    import ray
-
-    from study.launch import init_ray
-
-    workdir = args.workdir or tempfile.mkdtemp(prefix="bench-overhead-")
-    init_ray(None)
-    try:
+    with launcher_session(args) as (workdir, _):
         study = study_overhead(args.study, workdir, args.smoke)
-    finally:
-        ray.shutdown()
-    if args.workdir is None:
-        shutil.rmtree(workdir, ignore_errors=True)
     print(f"\nplatform {study['platform_seconds']} s, plain {study['plain_seconds']} s -> study_ratio "
           f"{study['study_ratio']} (goal <= 1.3); load {machine_load()}")
     print(json.dumps({"bench": "overhead", "mode": "study-only", "smoke": args.smoke,
