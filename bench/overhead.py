@@ -45,6 +45,9 @@ plain sequential loop (`study_overhead`: `study_ratio`).
                                             # with its sae-all model only
     python bench/overhead.py --repeats 2    # b a a b: medians
 
+The whole-study comparison also counts the CPU seconds of every process on the machine during each side
+(`platform_cpu_by_process`, `plain_cpu_by_process`, `MachineCpu`): where the platform's extra time goes.
+
 Last line: one JSON object (ratio, study_ratio, train_start_s, train_teardown_s, platform_seconds, plain_seconds,
 ray_init_seconds, startup, study, breakdown, ...); --quick: train_start_s, train_teardown_s and startup only;
 --study-only: study_ratio and study only.
@@ -382,24 +385,51 @@ RAY_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(DEFAULT_POLL), "RAY_TRA
                 "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1", "RAY_TRAIN_METRICS_ENABLED": "1"}
 
 
-class ProcessCpu:
+class Sampler:
+    """Calls `_sample()` every `period` seconds in a thread while the `with` block runs, once at entry
+    (`first=True`) and once at exit."""
+
+    period = 0.2
+
+    def __init__(self):
+        import threading
+
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _sample(self, first: bool = False):
+        raise NotImplementedError
+
+    def _loop(self):
+        while not self.stop.wait(self.period):
+            self._sample()
+
+    def __enter__(self):
+        self._sample(first=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self._sample()
+
+
+class ProcessCpu(Sampler):
     """CPU seconds of the Ray processes this run starts (children of this session's raylet, created during it):
     sampled every 0.2 s, since actors exit when the run ends. Unlike wall time, this hardly changes with other load
     on the machine, so it tells what a setting saves even on a busy machine."""
 
     def __init__(self):
-        import threading
-
         import psutil
         import ray
 
+        super().__init__()
         self.raylet = psutil.Process(ray._private.worker._global_node.all_processes["raylet"][0].process.pid)
         self.start = time.time()
         self.cpu: dict[int, tuple[str, float]] = {}
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
 
-    def _sample(self):
+    def _sample(self, first: bool = False):
         import psutil
 
         for child in self.raylet.children(recursive=True):
@@ -413,24 +443,60 @@ class ProcessCpu:
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
 
-    def _loop(self):
-        while not self.stop.wait(0.2):
-            self._sample()
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
-        self._sample()
-
     def by_process(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for name, seconds in self.cpu.values():
             out[name] = round(out.get(name, 0.0) + seconds, 2)
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+class MachineCpu(Sampler):
+    """CPU seconds of every process on the machine during a span, by process name (Ray workers by their actor or
+    task name; this process as `launcher`): sampled every 0.5 s, so processes that start and end inside the span
+    count too. Says where a whole study's CPU goes: training, Ray Train's per-run processes, the launcher (Tune's
+    driver loop and the MLflow writer), Ray's daemons."""
+
+    period = 0.5
+
+    def __init__(self):
+        import ray  # noqa: F401 (its bundled psutil)
+
+        super().__init__()
+        self.cpu: dict[tuple[int, float], list] = {}  # (pid, create time) -> [name, cpu at first sight, cpu now]
+
+    @staticmethod
+    def _name(proc) -> str:
+        if proc.pid == os.getpid():
+            return "launcher"
+        cmd = proc.cmdline() or [proc.name()]
+        first = cmd[0]
+        if first.startswith("ray::"):
+            return first.removeprefix("ray::").split(".")[0].split(" ")[0]
+        if os.path.basename(first).startswith("python"):  # a Python daemon: its script's (or module's) name
+            return os.path.basename(next((c for c in cmd[1:] if not c.startswith("-")), first))
+        return os.path.basename(first)
+
+    def _sample(self, first: bool = False):
+        import psutil
+
+        for proc in psutil.process_iter():
+            try:
+                with proc.oneshot():
+                    key = (proc.pid, proc.create_time())
+                    t = proc.cpu_times()
+                    used = t.user + t.system + (t.children_user + t.children_system if proc.pid == os.getpid() else 0)
+                    if key not in self.cpu:
+                        self.cpu[key] = [None, used if first else 0.0, used]
+                    self.cpu[key][0] = self._name(proc)  # the last one: a Ray worker takes its actor's name late
+                    self.cpu[key][2] = used
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                pass
+
+    def by_process(self, at_least: float = 0.5) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, start, now in self.cpu.values():
+            out[name] = out.get(name, 0.0) + now - start
+        return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= at_least}
 
 
 def startup_probe(workdir: str, tag: str, env: dict[str, str], cpus: float) -> dict:
@@ -625,13 +691,18 @@ def study_overhead(spec_path: str, workdir: str, smoke: bool) -> dict:
     spec = load_spec(spec_path, overrides, smoke=smoke)
     threads = concurrency(spec, ray.cluster_resources()) * max(1, int(spec.resources.cpus_per_worker))
     t0 = time.perf_counter()
-    launch(spec_path, results_dir=os.path.join(workdir, "study-platform"), overrides=overrides, smoke=smoke)
+    with MachineCpu() as platform_cpu:
+        launch(spec_path, results_dir=os.path.join(workdir, "study-platform"), overrides=overrides, smoke=smoke)
     platform_s = time.perf_counter() - t0
 
-    plain_s, precision, runtime = plain_study(spec, os.path.join(workdir, "study-plain-store"), threads)
+    with MachineCpu() as plain_cpu:
+        plain_s, precision, runtime = plain_study(spec, os.path.join(workdir, "study-plain-store"), threads)
+    platform_by, plain_by = platform_cpu.by_process(), plain_cpu.by_process()
     return {"spec": spec.name, "trials": len(spec.models) * len(spec.seeds), "platform_seconds": round(platform_s, 1),
             "plain_seconds": round(plain_s, 1), "study_ratio": round(platform_s / plain_s, 3),
-            "plain_threads": threads, "precision": precision, "channels_last": runtime.channels_last}
+            "plain_threads": threads, "precision": precision, "channels_last": runtime.channels_last,
+            "platform_cpu_s": round(sum(platform_by.values()), 1), "plain_cpu_s": round(sum(plain_by.values()), 1),
+            "platform_cpu_by_process": platform_by, "plain_cpu_by_process": plain_by}
 
 
 @contextlib.contextmanager

@@ -37,6 +37,10 @@ def test_overhead_smoke(tmp_path):
     out = run_smoke("overhead", tmp_path)
     assert out["ratio"] > 0 and out["same_results"] is True
     assert out["study_ratio"] > 0 and out["train_start_s"] > 0 and out["train_teardown_s"] >= 0
+    # Where the study's CPU went, by process: the training worker, Ray Train's controller, the launcher.
+    cpu = out["study"]["platform_cpu_by_process"]
+    assert {"RayTrainWorker", "TrainController", "launcher"} <= set(cpu), cpu
+    assert out["study"]["platform_cpu_s"] == pytest.approx(sum(cpu.values()), abs=1.0)
 
 
 @pytest.mark.ray
