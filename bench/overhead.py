@@ -450,6 +450,9 @@ class ProcessCpu(Sampler):
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
+RAY_WORKER_BOOT = ("setup_worker.py", "default_worker.py", "IDLE")  # a Ray worker's names before its actor's
+
+
 class MachineCpu(Sampler):
     """CPU seconds of every process on the machine during a span, by process name (Ray workers by their actor or
     task name; this process as `launcher`): sampled every 0.5 s, so processes that start and end inside the span
@@ -487,7 +490,8 @@ class MachineCpu(Sampler):
                     used = t.user + t.system + (t.children_user + t.children_system if proc.pid == os.getpid() else 0)
                     if key not in self.cpu:
                         self.cpu[key] = [None, used if first else 0.0, used]
-                    self.cpu[key][0] = self._name(proc)  # the last one: a Ray worker takes its actor's name late
+                    if self.cpu[key][0] in (None, *RAY_WORKER_BOOT):  # a Ray worker takes its actor's name late
+                        self.cpu[key][0] = self._name(proc)
                     self.cpu[key][2] = used
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 pass
