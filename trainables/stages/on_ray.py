@@ -233,14 +233,12 @@ def ensure_chain(
 
             thread = threading.Thread(target=fit, daemon=True)
             thread.start()
-            published: set[str] = set()
             all_published = None  # when every stage of the segment was first seen published
             while not done.wait(1.0):
                 for key, stack in claims:
-                    if key not in published and store.has(key):
-                        published.add(key)
+                    if store.has(key):
                         stack.close()  # published: waiters for this stage may go on
-                if all_published is None and published.issuperset(p.key for p in segment):
+                if all_published is None and all(store.has(p.key) for p in segment):
                     all_published = time.monotonic()
                 if all_published is not None and time.monotonic() - all_published > end_grace:
                     on_left_behind(f"Train run {run_name(segment)} published all {len(segment)} of its stages "
