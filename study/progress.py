@@ -81,8 +81,6 @@ class Progress(tune.Callback):
         elif event == "stage_retry":
             self.print(f"{self._label(trial)} {result['stage']} retried from its checkpoint after epoch "
                        f"{result['epoch']} (a worker failed, or the study was resumed)")
-        elif event == "note":  # something the user should know about this trial (on_ray.ensure_chain)
-            self.print(f"{self._label(trial)} {result['text']}")
         elif event == "seed_end":
             self.print(f"{self._label(trial)} finished: train_top1 {result['train_top1_err']:.2f}%  "
                        f"val_top1 {result['val_top1_err']:.2f}%")

@@ -54,8 +54,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         job = SegmentJob(segment=(), store_uri=ctx.store_uri, data=data_config(spec), seed=seed,
                          scaling=scaling(spec), code_version=ctx.code_version, objective_metric=metric)
         reasons = why_recomputed(store, chain, data.identity, seed)
-        computed = ensure_chain(chain, store, job, ctx.train_storage, callbacks=[TuneReportCallback()],
-                                on_left_behind=lambda text: tune.report({"event": "note", "text": text, **idle}))
+        computed = ensure_chain(chain, store, job, ctx.train_storage, callbacks=[TuneReportCallback()])
         for planned, was_computed in zip(chain, computed):
             tune.report({"event": "stage_done", "stage": planned.stage.kind, "stage_key": planned.key,
                          "reused": not was_computed, "why": reasons.get(planned.key, "") if was_computed else "",

@@ -17,10 +17,8 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import sys
 import tempfile
 import threading
-import time
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 
@@ -60,7 +58,6 @@ class SegmentJob:
     objective_metric: str = "val_top1_err"  # reported as `objective` during fine-tuning (for Tune's scheduler)
     fail_after_epoch: int | None = None  # tests: raise once after this epoch of the first stage (fault injection)
     fail_marker: str | None = None  # file created at the injected failure so it happens only once
-    hang_at_end: bool = False  # tests: the train function never returns after its last stage is published
 
 
 def _worker(job: SegmentJob) -> None:
@@ -122,8 +119,6 @@ def _worker(job: SegmentJob) -> None:
         ray.train.report({"event": "stage_end", "stage": planned.stage.kind, "stage_key": planned.key,
                           **placement, **final,
                           **_asha_fields(planned, planned.stage.settings.epochs, final, job.objective_metric)})
-    while job.hang_at_end:  # fault injection: a run that never ends after its work is done
-        threading.Event().wait(3600)
 
 
 def _asha_fields(planned: PlannedStage, epoch: int, metrics: dict, objective: str) -> dict:
@@ -180,14 +175,6 @@ def launch_segment(job: SegmentJob, storage_path: str, callbacks: list | None = 
     make_trainer(_worker, job, job.scaling, run_name(list(job.segment)), storage_path, callbacks).fit()
 
 
-# How long a Train run may take to return once every stage it computes is published (complete) in the store. A
-# normal tear-down takes about a second; Ray Train 2.60 has been seen never to return from `fit()` after its worker
-# group was restarted on another node (a node lost mid-run), with the work done and the cores given back. The
-# results are in the store either way, so the trial goes on without that run (the run is left to end with the
-# trial driver's process) instead of waiting forever.
-END_GRACE_S = 120.0
-
-
 def ensure_chain(
     chain: list[PlannedStage],
     store: StageStore,
@@ -195,16 +182,12 @@ def ensure_chain(
     storage_path: str,
     callbacks: list | None = None,
     claim_timeout: float | None = None,
-    end_grace: float = END_GRACE_S,
-    on_left_behind=lambda message: print(message, file=sys.stderr, flush=True),
 ) -> list[bool]:
     """Make every stage of `chain` present in the store; returns, per stage, whether this call computed it.
 
     Claims on all missing stages are taken root first; after they are held the store is checked again (another
     trial may have finished them meanwhile), and only what is still missing runs, as one Train run. A claim is
-    released as soon as its stage is published, so trials waiting only for a shared prefix go on early. A run
-    that has published every stage but does not return within `end_grace` seconds is left behind (END_GRACE_S),
-    and `on_left_behind` gets a one-line message saying so.
+    released as soon as its stage is published, so trials waiting only for a shared prefix go on early.
     """
     computed = [False] * len(chain)
     while (start := missing_from(store, chain)) < len(chain):
@@ -233,19 +216,11 @@ def ensure_chain(
 
             thread = threading.Thread(target=fit, daemon=True)
             thread.start()
-            all_published = None  # when every stage of the segment was first seen published
             while not done.wait(1.0):
                 for key, stack in claims:
                     if store.has(key):
                         stack.close()  # published: waiters for this stage may go on
-                if all_published is None and all(store.has(p.key) for p in segment):
-                    all_published = time.monotonic()
-                if all_published is not None and time.monotonic() - all_published > end_grace:
-                    on_left_behind(f"Train run {run_name(segment)} published all {len(segment)} of its stages "
-                                   f"but did not end within {end_grace:.0f} s; going on without it")
-                    break
-            else:
-                thread.join()
+            thread.join()
             if errors:
                 raise errors[0]
             for i in range(start, len(chain)):
