@@ -2,7 +2,8 @@
 
 For each seed it resolves the trial's stage chain, makes every stage present in the stage store (computing only
 what is missing, under Ray Train), and reports events that the launcher turns into MLflow runs and progress lines:
-trial_start, epoch (from the Train workers), stage_done, seed_end, and a last result with the objective.
+trial_start, epoch (from the Train workers, forwarded by this thread: study/train_reports.py), stage_done,
+seed_end, and a last result with the objective.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from trainables.stages.store import StageStore
 
 from .plan import data_config, resolve, scaling, trial_config
 from .spec import StudySpec
+from .train_reports import TrainReports
 
 
 @dataclass(frozen=True)
@@ -33,8 +35,7 @@ class TrialContext:
 
 
 def run_trial(config: dict, ctx: TrialContext) -> None:
-    from ray import tune  # [ray] reporting to Tune, and forwarding Train reports to it
-    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray import tune  # [ray] reporting to Tune
 
     spec = ctx.spec
     config = trial_config(config)
@@ -54,7 +55,9 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         job = SegmentJob(segment=(), store_uri=ctx.store_uri, data=data_config(spec), seed=seed,
                          scaling=scaling(spec), code_version=ctx.code_version, objective_metric=metric)
         reasons = why_recomputed(store, chain, data.identity, seed)
-        computed = ensure_chain(chain, store, job, ctx.train_storage, callbacks=[TuneReportCallback()])
+        reports = TrainReports()  # the Train workers' epochs, reported from this thread (see train_reports.py)
+        computed = ensure_chain(chain, store, job, ctx.train_storage, callbacks=[reports.callback],
+                                poll=reports.forward)
         for planned, was_computed in zip(chain, computed):
             tune.report({"event": "stage_done", "stage": planned.stage.kind, "stage_key": planned.key,
                          "reused": not was_computed, "why": reasons.get(planned.key, "") if was_computed else "",

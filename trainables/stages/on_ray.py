@@ -175,6 +175,9 @@ def launch_segment(job: SegmentJob, storage_path: str, callbacks: list | None = 
     make_trainer(_worker, job, job.scaling, run_name(list(job.segment)), storage_path, callbacks).fit()
 
 
+POLL_S = 0.5  # ensure_chain: how often a waiting trial releases published claims and forwards reports
+
+
 def ensure_chain(
     chain: list[PlannedStage],
     store: StageStore,
@@ -182,12 +185,16 @@ def ensure_chain(
     storage_path: str,
     callbacks: list | None = None,
     claim_timeout: float | None = None,
+    poll=None,
 ) -> list[bool]:
     """Make every stage of `chain` present in the store; returns, per stage, whether this call computed it.
 
     Claims on all missing stages are taken root first; after they are held the store is checked again (another
     trial may have finished them meanwhile), and only what is still missing runs, as one Train run. A claim is
     released as soon as its stage is published, so trials waiting only for a shared prefix go on early.
+
+    `poll`, if given, is called in this thread while a Train run goes (every `POLL_S`) and once after it ends,
+    whether it succeeded or not: the trial forwards its runs' reports to Tune there (study/train_reports.py).
     """
     computed = [False] * len(chain)
     while (start := missing_from(store, chain)) < len(chain):
@@ -216,11 +223,15 @@ def ensure_chain(
 
             thread = threading.Thread(target=fit, daemon=True)
             thread.start()
-            while not done.wait(1.0):
+            while not done.wait(POLL_S):
                 for key, stack in claims:
                     if store.has(key):
                         stack.close()  # published: waiters for this stage may go on
+                if poll is not None:
+                    poll()
             thread.join()
+            if poll is not None:
+                poll()  # the run's last reports (the controller has put them all before fit() returns)
             if errors:
                 raise errors[0]
             for i in range(start, len(chain)):
