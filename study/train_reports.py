@@ -7,7 +7,7 @@ Train report still queued when the trial thread reports leaves both threads bloc
 `train/_internal/session.py`: `_get_result_from_queues` calls `report` from the main thread). That happened at the
 end of fine-tuning whenever the last epoch's report was still queued after `fit()` returned -- rarely on an idle
 machine, often under load or after a node loss -- and the study never ended, with every stage stored
-(tests/test_train_reports.py reproduces it).
+(tests/test_train_reports.py runs that pattern through this module, 20 times in a row).
 
 Here the Train controller's callback only puts each report on a Ray queue, and the trial's thread takes them off and
 reports them while it waits for the run (`ensure_chain`'s `poll`) and once more after it. The queue is an actor
@@ -50,18 +50,14 @@ class ForwardReports(UserCallback):
 class TrainReports:
     """One trial's channel: `callback` goes to its Train runs, `forward()` is called from the trial's thread."""
 
-    def __init__(self, report=None):
+    def __init__(self):
         self.queue = _process_queue()
         self.token = uuid.uuid4().hex
         self.callback = ForwardReports(self.queue, self.token)
-        if report is None:
-            from ray import tune  # [ray] the trial's session
-
-            report = tune.report
-        self.report = report
 
     def forward(self) -> int:
         """Reports every queued Train report of this channel, in order; returns how many."""
+        from ray import tune  # [ray] the trial's session
         from ray.util.queue import Empty
 
         n = 0
@@ -71,5 +67,5 @@ class TrainReports:
             except Empty:
                 return n
             if token == self.token:
-                self.report(metrics)
+                tune.report(metrics)
                 n += 1

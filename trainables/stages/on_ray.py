@@ -175,7 +175,7 @@ def launch_segment(job: SegmentJob, storage_path: str, callbacks: list | None = 
     make_trainer(_worker, job, job.scaling, run_name(list(job.segment)), storage_path, callbacks).fit()
 
 
-POLL_S = 0.5  # ensure_chain: how often a waiting trial releases published claims and forwards reports
+POLL_S = 1.0  # ensure_chain: how often a waiting trial releases published claims and forwards reports
 
 
 def ensure_chain(
