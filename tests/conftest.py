@@ -12,16 +12,6 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")  # as the stu
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
-# The longest modules first (each ~3-9 min on 2 cores): with README's `-n 2 --dist loadfile`, the two processes
-# then take the short modules last and end together, instead of one long module running alone at the end.
-SLOWEST_FIRST = ["test_study.py", "test_search_and_splits.py", "test_cluster.py", "test_tracking_server.py",
-                 "test_bench.py", "test_imagenet.py", "test_stages.py"]
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module's own order is kept
-
 
 @pytest.fixture(scope="module")
 def ray_local():
