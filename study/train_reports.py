@@ -37,14 +37,25 @@ def _process_queue():
     return _QUEUE
 
 
-class ForwardReports(UserCallback):
-    """Runs in the Train controller: puts rank 0's metrics of every report on the trial driver's queue."""
+class ReportChannel:
+    """Where one trial's Train reports go: its driver's queue, each item marked with the trial's token. Pickled to
+    whoever produces them (the Train controller's callback below, or a Train pool's rank 0)."""
 
     def __init__(self, queue, token: str):
         self.queue, self.token = queue, token
 
+    def put(self, metrics: dict) -> None:
+        self.queue.put((self.token, metrics))
+
+
+class ForwardReports(UserCallback):
+    """Runs in the Train controller: puts rank 0's metrics of every report on the trial's channel."""
+
+    def __init__(self, channel: ReportChannel):
+        self.channel = channel
+
     def after_report(self, run_context, metrics, checkpoint):
-        self.queue.put((self.token, dict(metrics[0])))
+        self.channel.put(dict(metrics[0]))
 
 
 class TrainReports:
@@ -53,7 +64,8 @@ class TrainReports:
     def __init__(self):
         self.queue = _process_queue()
         self.token = uuid.uuid4().hex
-        self.callback = ForwardReports(self.queue, self.token)
+        self.channel = ReportChannel(self.queue, self.token)  # a Train pool's rank 0 puts on it (stages/pool.py)
+        self.callback = ForwardReports(self.channel)
 
     def forward(self) -> int:
         """Reports every queued Train report of this channel, in order; returns how many."""

@@ -2,7 +2,7 @@
 
 Ray is touched in four places, each marked `# [ray]`: the worker's context (rank, device), its report +
 checkpoint after every epoch, its checkpoint on restart, and the trainer launch. Everything else is the plain
-PyTorch of `chain.py`.
+PyTorch of `chain.py`. `run_segment` is also what a pooled Train run executes for each job (`pool.py`).
 
 Guarantees:
 - a stage whose key is stored is never run again; a stage being computed by another process is waited for
@@ -60,65 +60,110 @@ class SegmentJob:
     fail_marker: str | None = None  # file created at the injected failure so it happens only once
 
 
-def _worker(job: SegmentJob) -> None:
-    import ray  # [ray] worker context, report, checkpoint
+@dataclass(frozen=True)
+class WorkerContext:
+    """What a Train worker process computes with, set up once per process (`worker_context`)."""
+
+    rank: int
+    world: int
+    device: torch.device
+    node_id: str  # where the stage ran (a tag of its MLflow run)
+
+
+def worker_context(scaling: Scaling) -> WorkerContext:
+    import ray  # [ray] worker context
     import ray.train
-    import ray.util
     import ray.train.torch
 
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    node_id = ray.get_runtime_context().get_node_id()  # where the stage ran (a tag of its MLflow run)
-    # The run's placement group, in every report: the launcher removes it if Tune stops the trial (study/janitor.py).
-    group = ray.util.get_current_placement_group()
-    placement = {"placement_group": group.id.hex() if group is not None else ""}
     # The cores this worker was given are the threads it computes with (Ray's OMP_NUM_THREADS comes too late
     # once torch has started its thread pool).
-    torch.set_num_threads(max(1, math.floor(job.scaling.cpus_per_worker)))
-    device = ray.train.torch.get_device() if job.scaling.gpus_per_worker > 0 else torch.device("cpu")
-    set_deterministic(job.scaling.deterministic)
+    torch.set_num_threads(max(1, math.floor(scaling.cpus_per_worker)))
+    device = ray.train.torch.get_device() if scaling.gpus_per_worker > 0 else torch.device("cpu")
+    set_deterministic(scaling.deterministic)
+    return WorkerContext(ctx.get_world_rank(), ctx.get_world_size(), device, ray.get_runtime_context().get_node_id())
+
+
+def report(metrics: dict, payload: dict | None = None, name: str | None = None, rank: int = 0) -> None:
+    """One Train report; with `payload`, rank 0 also saves it as the run's checkpoint (`STATE_FILE`)."""
+    import ray.train  # [ray] report + checkpoint
+
+    if payload is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = None
+        if rank == 0:
+            torch.save(payload, os.path.join(d, STATE_FILE))
+            ckpt = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
+
+
+def saved_state() -> dict | None:
+    """The run's last checkpoint payload (after a worker failure or a launcher restart), or None."""
+    import ray.train  # [ray] checkpoint on restart
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+
+
+def run_segment(job: SegmentJob, wc: WorkerContext, *, saved: dict | None = None, tags: dict | None = None,
+                emit=report, between_epochs=lambda: None) -> None:
+    """Train the job's stages on this worker, reporting each epoch with a checkpoint and each stage's end.
+
+    `saved` is a checkpoint payload of this job ({"stage_index", "state", ...}) to resume from; `tags` go into
+    every report; `emit(metrics, payload, name, rank)` reports (Train's report, and a pool's forwarding);
+    `between_epochs()` runs after each epoch's report (a pool stops a cancelled job there).
+    """
+    import ray.train.torch  # [ray] DDP wrapping
+
+    tags = tags or {}
     store = StageStore(job.store_uri)
     data = build_data(job.data, job.seed)
     # The precision is the planned stage's own (it is part of its key); the layout is resolved here, on the device.
-    runtime = Runtime(device=str(device), channels_last=resolve_channels_last(job.scaling.channels_last, device),
-                      rank=rank, world=world, loader_workers=decode_workers(data.train, job.scaling.cpus_per_worker))
-
-    resume, first = None, 0
-    checkpoint = ray.train.get_checkpoint()  # [ray] resume after a failure or a launcher restart
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            saved = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+    runtime = Runtime(device=str(wc.device), channels_last=resolve_channels_last(job.scaling.channels_last, wc.device),
+                      rank=wc.rank, world=wc.world,
+                      loader_workers=decode_workers(data.train, job.scaling.cpus_per_worker))
+    first, resume = 0, None
+    if saved is not None:
         first, resume = saved["stage_index"], saved["state"]
         planned = job.segment[first]
-        ray.train.report({"event": "stage_retry", "stage": planned.stage.kind, "stage_key": planned.key,  # [ray]
-                          "epoch": resume["epoch"], **placement,
-                          **_asha_fields(planned, 0, {}, job.objective_metric)})
+        emit({"event": "stage_retry", "stage": planned.stage.kind, "stage_key": planned.key, "epoch": resume["epoch"],
+              **tags, **_asha_fields(planned, 0, {}, job.objective_metric)}, rank=wc.rank)
 
-    wrap = (lambda m: ray.train.torch.prepare_model(m, move_to_device=False)) if world > 1 else (lambda m: m)
+    wrap = (lambda m: ray.train.torch.prepare_model(m, move_to_device=False)) if wc.world > 1 else (lambda m: m)
     for index in range(first, len(job.segment)):
         planned = job.segment[index]
 
         def on_epoch(epoch, metrics, state, index=index, planned=planned):
-            report = {"event": "epoch", "stage": planned.stage.kind, "stage_key": planned.key, "epoch": epoch,
-                      "node_id": node_id, **placement, **metrics,
-                      **_asha_fields(planned, epoch, metrics, job.objective_metric)}
-            with tempfile.TemporaryDirectory() as d:
-                ckpt = None
-                if rank == 0:
-                    torch.save({"stage_index": index, "state": state()}, os.path.join(d, STATE_FILE))
-                    ckpt = ray.train.Checkpoint.from_directory(d)
-                ray.train.report(report, checkpoint=ckpt,  # [ray] per-epoch metrics + checkpoint
-                                 checkpoint_dir_name=f"{index:02d}-{planned.stage.kind}-e{epoch:04d}")
+            emit({"event": "epoch", "stage": planned.stage.kind, "stage_key": planned.key, "epoch": epoch,
+                  "node_id": wc.node_id, **tags, **metrics,
+                  **_asha_fields(planned, epoch, metrics, job.objective_metric)},
+                 {"stage_index": index, "state": state() if wc.rank == 0 else None},
+                 f"{index:02d}-{planned.stage.kind}-e{epoch:04d}", wc.rank)
             if (job.fail_after_epoch == epoch and index == 0 and job.fail_marker
                     and not os.path.exists(job.fail_marker)):
                 open(job.fail_marker, "w").close()
                 raise RuntimeError(f"injected failure after epoch {epoch}")
+            between_epochs()
 
         final = run_stage(planned, store, data, runtime, job.seed, resume=resume if index == first else None,
-                          on_epoch=on_epoch, wrap=wrap, publish=rank == 0, code_version=job.code_version)
-        ray.train.report({"event": "stage_end", "stage": planned.stage.kind, "stage_key": planned.key,
-                          **placement, **final,
-                          **_asha_fields(planned, planned.stage.settings.epochs, final, job.objective_metric)})
+                          on_epoch=on_epoch, wrap=wrap, publish=wc.rank == 0, code_version=job.code_version)
+        emit({"event": "stage_end", "stage": planned.stage.kind, "stage_key": planned.key, **tags, **final,
+              **_asha_fields(planned, planned.stage.settings.epochs, final, job.objective_metric)}, rank=wc.rank)
+
+
+def _worker(job: SegmentJob) -> None:
+    """The train function of a per-trial Train run: one segment, resumed from the run's checkpoint."""
+    import ray.util  # [ray] the run's placement group
+
+    wc = worker_context(job.scaling)
+    # The run's placement group, in every report: the launcher removes it if Tune stops the trial (study/janitor.py).
+    group = ray.util.get_current_placement_group()
+    run_segment(job, wc, saved=saved_state(), tags={"placement_group": group.id.hex() if group is not None else ""})
 
 
 def _asha_fields(planned: PlannedStage, epoch: int, metrics: dict, objective: str) -> dict:
@@ -186,6 +231,7 @@ def ensure_chain(
     callbacks: list | None = None,
     claim_timeout: float | None = None,
     poll=None,
+    launch=None,
 ) -> list[bool]:
     """Make every stage of `chain` present in the store; returns, per stage, whether this call computed it.
 
@@ -195,7 +241,10 @@ def ensure_chain(
 
     `poll`, if given, is called in this thread while a Train run goes (every `POLL_S`) and once after it ends,
     whether it succeeded or not: the trial forwards its runs' reports to Tune there (study/train_reports.py).
+    `launch(job)` runs a segment and returns when it has ended (raising if it failed): by default a Train run of
+    its own (`launch_segment`); a pooled study hands it to its Train pool (`pool.run_on_pool`).
     """
+    launch = launch or (lambda job: launch_segment(job, storage_path, callbacks))
     computed = [False] * len(chain)
     while (start := missing_from(store, chain)) < len(chain):
         with ExitStack() as held:
@@ -215,7 +264,7 @@ def ensure_chain(
 
             def fit():
                 try:
-                    launch_segment(job, storage_path, callbacks)
+                    launch(job)
                 except BaseException as exc:  # noqa: BLE001 (re-raised in the calling thread)
                     errors.append(exc)
                 finally:
