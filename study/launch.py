@@ -106,7 +106,7 @@ def resolved_precision(spec: StudySpec) -> str:
     return ray.get(probe.remote())
 
 
-def _callbacks(spec: StudySpec, paths: StudyPaths, spec_text: str, precision: str) -> list:
+def _callbacks(spec: StudySpec, paths: StudyPaths, spec_text: str, precision: str, pool=None) -> list:
     params = {"name": spec.name, "models": ",".join(spec.models), "seeds": ",".join(map(str, spec.seeds)),
               "dataset": spec.data.dataset, "subset": spec.data.subset, "eval_on": spec.data.eval_on,
               "labeled_fraction": spec.data.labeled_fraction, "encoder": spec.model.encoder,
@@ -118,7 +118,7 @@ def _callbacks(spec: StudySpec, paths: StudyPaths, spec_text: str, precision: st
                               note=spec.description.strip(), data_settings=spec.data.model_dump(),
                               system_metrics=spec.system_metrics, optuna_storage=optuna)
     epochs = {kind: s.epochs for kind, s in spec.stages.items()}
-    callbacks = [recorder, Progress(total_trials(spec), epochs), PlacementGroupJanitor()]
+    callbacks = [recorder, Progress(total_trials(spec), epochs), PlacementGroupJanitor(pool)]
     if optuna:
         from .search import OptunaEpochValues
 
@@ -126,7 +126,9 @@ def _callbacks(spec: StudySpec, paths: StudyPaths, spec_text: str, precision: st
     return callbacks
 
 
-def build_tuner(spec: StudySpec, paths: StudyPaths, spec_text: str, restore: bool):
+def build_tuner(spec: StudySpec, paths: StudyPaths, spec_text: str, restore: bool, slots: int, pool=None):
+    """The study's Tuner, running `slots` trials at once; `pool` is the Train pool's dispatcher when the spec asks
+    for pooled Train runs."""
     import optuna
     from ray import tune  # [ray] the Tuner, its search algorithm and scheduler
     from ray.tune.schedulers import ASHAScheduler
@@ -135,7 +137,8 @@ def build_tuner(spec: StudySpec, paths: StudyPaths, spec_text: str, restore: boo
 
     precision = resolved_precision(spec)
     ctx = TrialContext(spec=spec, store_uri=paths.store_uri, train_storage=paths.train_storage,
-                       code_version=code_version(), precision=precision, claims=ClusterClaims(paths.store_uri))
+                       code_version=code_version(), precision=precision, claims=ClusterClaims(paths.store_uri),
+                       pool=pool)
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_driver_resources())
     if restore:  # Tune's tuner.pkl keeps no search space: give it again (a grid's; a searcher keeps its own)
         space = grid_space(spec) if spec.search is None or spec.search.algorithm == "grid" else None
@@ -167,14 +170,14 @@ def build_tuner(spec: StudySpec, paths: StudyPaths, spec_text: str, restore: boo
         param_space=param_space,
         tune_config=tune.TuneConfig(metric="objective", mode="min", search_alg=search_alg, scheduler=scheduler,
                                     num_samples=num_samples,
-                                    max_concurrent_trials=concurrency(spec, cluster_capacity()),
+                                    max_concurrent_trials=slots,
                                     # A trial's driver process (imports of torch, Ray Tune and the project: seconds
                                     # of CPU) is kept for the next trial instead of a new one per trial; not when
                                     # a scheduler stops trials: a stopped trial's Train run must end with its
                                     # process, not go on inside the next trial's.
                                     reuse_actors=scheduler is None),
         run_config=tune.RunConfig(name=TUNE_NAME, storage_path=paths.tune_storage, verbose=0,
-                                  callbacks=_callbacks(spec, paths, spec_text, precision),
+                                  callbacks=_callbacks(spec, paths, spec_text, precision, pool),
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
 
@@ -248,6 +251,17 @@ class StopSignals:
             raise Interrupted(signum)
 
 
+def start_pool(spec: StudySpec, paths: StudyPaths, slots: int):
+    """The study's Train pool (`resources.train_runs: pooled`): one Train run per trial slot; else None."""
+    if spec.resources.train_runs != "pooled":
+        return None
+    from trainables.stages.pool import TrainPool
+
+    from .plan import scaling
+
+    return TrainPool(slots, scaling(spec), paths.train_storage)
+
+
 def run(spec: StudySpec, paths: StudyPaths, spec_text: str, *, restore: bool, address: str | None = None):
     """Run (or resume) the study's Tune experiment; returns the ResultGrid, or raises Interrupted."""
     from .records import retire_runs
@@ -258,10 +272,16 @@ def run(spec: StudySpec, paths: StudyPaths, spec_text: str, *, restore: bool, ad
         registry = registry_for(paths.store_uri)  # noqa: F841 (the store's cluster-wide claims, owned by this launcher)
         if not restore:  # a fresh Tune run re-runs every trial: records of an earlier, unrestorable attempt go
             retire_runs(paths.tracking_uri, spec.name)
-        tuner = build_tuner(spec, paths, spec_text, restore)
-        stop.fitting = True
-        results = tuner.fit()
-        stop.fitting = False
+        slots = concurrency(spec, cluster_capacity())  # trials at once (and Train pool runs, when pooled)
+        pool = start_pool(spec, paths, slots)
+        try:
+            tuner = build_tuner(spec, paths, spec_text, restore, slots, pool.dispatcher if pool else None)
+            stop.fitting = True
+            results = tuner.fit()
+            stop.fitting = False
+        finally:
+            if pool is not None:
+                pool.stop()
         if not stop.signum:
             run_final_tests(spec, paths.tracking_uri, paths.store_uri)
         import mlflow

@@ -133,6 +133,9 @@ class ResourcesSpec(Strict):
     max_failures: Annotated[int, Field(ge=0)] = 2  # worker failures a stage recovers from
     deterministic: bool = False  # torch deterministic algorithms (bitwise repeatable GPU runs, slower; docs/TRAINING.md)
     max_concurrent: Annotated[int, Field(ge=1)] | None = None  # trials at once; None = as many as the resources fit
+    # per_trial: each trial runs its missing stages as a Train run of its own (~15 CPU-s of Ray Train start-up each);
+    # pooled: one long-lived Train run per trial slot runs every trial's stages (small stages; docs/TRAINING.md).
+    train_runs: Literal["per_trial", "pooled"] = "per_trial"
 
     @model_validator(mode="before")
     @classmethod

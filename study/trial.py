@@ -8,6 +8,7 @@ seed_end, and a last result with the objective.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from trainables.data import build_data
 from trainables.models.factory import split_variant
 from trainables.stages.chain import read_record, why_recomputed
 from trainables.stages.on_ray import SegmentJob, ensure_chain
+from trainables.stages.pool import run_on_pool
 from trainables.stages.store import StageStore
 
 from .plan import data_config, resolve, scaling, trial_config
@@ -32,6 +34,7 @@ class TrialContext:
     code_version: str
     precision: str  # resolved once for the study (launch.resolved_precision): fp32 | bf16
     claims: object = None  # the store's cluster-wide claims (study/claims.py); None: the store's lock files
+    pool: object = None  # the Train pool's dispatcher (resources.train_runs: pooled); None: a Train run per segment
 
 
 def run_trial(config: dict, ctx: TrialContext) -> None:
@@ -56,8 +59,10 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
                          scaling=scaling(spec), code_version=ctx.code_version, objective_metric=metric)
         reasons = why_recomputed(store, chain, data.identity, seed)
         reports = TrainReports()  # the Train workers' epochs, reported from this thread (see train_reports.py)
+        launch = None if ctx.pool is None else functools.partial(run_on_pool, ctx.pool, tune.get_context().get_trial_id(),
+                                                                    reports.channel)
         computed = ensure_chain(chain, store, job, ctx.train_storage, callbacks=[reports.callback],
-                                poll=reports.forward)
+                                poll=reports.forward, launch=launch)
         for planned, was_computed in zip(chain, computed):
             tune.report({"event": "stage_done", "stage": planned.stage.kind, "stage_key": planned.key,
                          "reused": not was_computed, "why": reasons.get(planned.key, "") if was_computed else "",

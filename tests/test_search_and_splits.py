@@ -38,7 +38,8 @@ SEARCH = {
     "search": {"algorithm": "optuna", "num_samples": 4, "sampler_seed": 10,  # lr: 1e-4, 0.1, 1e-4 (reused), 0.1
                "space": {"stages.finetune.optimizer.lr": {"type": "choice", "values": [GOOD_LR, BAD_LR]}},
                "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2}},
-    "resources": {"workers": 1, "cpus_per_worker": 1, "max_concurrent": 1},
+    # Pooled Train runs: a trial that ASHA stops has its pool job cancelled by the launcher's janitor.
+    "resources": {"workers": 1, "cpus_per_worker": 1, "max_concurrent": 1, "train_runs": "pooled"},
 }  # fmt: skip
 SEMI = {
     "name": "semi", **TINY, "models": ["baseline"], "seeds": [0],

@@ -62,6 +62,7 @@ BAD = [
     (variant(seeds=[1, 1]), "seeds must be a non-empty list of distinct integers"),
     (variant(resources={"amp": True}), "resources: 'amp' was replaced by 'precision: auto | fp32 | bf16'"),
     (variant(resources={"precision": "fp16"}), "resources.precision: Input should be 'auto', 'fp32' or 'bf16'"),
+    (variant(resources={"train_runs": "shared"}), "resources.train_runs: Input should be 'per_trial' or 'pooled'"),
 ]
 
 
