@@ -7,8 +7,9 @@ PyTorch of `chain.py`. `run_segment` is also what a pooled Train run executes fo
 Guarantees:
 - a stage whose key is stored is never run again; a stage being computed by another process is waited for
   (store claims, taken root first so chains that share a prefix cannot deadlock);
-- every epoch ends with a checkpoint; a failed worker restarts from it (`FailureConfig`), and a restarted
-  launcher resumes the same Train run (deterministic run name under the same storage path);
+- every epoch ends with a checkpoint; a failed worker restarts from it (`FailureConfig`, and `node_loss.py` for a
+  worker lost while its group starts), and a restarted launcher resumes the same Train run (deterministic run
+  name under the same storage path);
 - each stage is published to the store on its own as soon as it ends, so a segment that fails later keeps it.
 """
 
@@ -193,9 +194,12 @@ TRAIN_ENV = {
 
 
 def make_trainer(train_fn, config, scaling: Scaling, name: str, storage_path: str, callbacks: list | None = None):
-    """The TorchTrainer of every platform Train run (benchmarks build theirs here too, to measure the same thing)."""
+    """The TorchTrainer of every platform Train run (benchmarks build theirs here too, to measure the same thing).
+    Every run carries `node_loss.ReleasePlacementGroups`: a worker group that fails to start leaves no cores held."""
     import ray.train  # [ray] the trainer launch
     from ray.train.torch import TorchTrainer
+
+    from .node_loss import ReleasePlacementGroups
 
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.gpus_per_worker:
@@ -210,14 +214,18 @@ def make_trainer(train_fn, config, scaling: Scaling, name: str, storage_path: st
             storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks,
+            callbacks=[ReleasePlacementGroups(), *(callbacks or [])],
         ),
     )
 
 
 def launch_segment(job: SegmentJob, storage_path: str, callbacks: list | None = None) -> None:
-    """One TorchTrainer run over a segment of stages; raises if it fails beyond `max_failures`."""
-    make_trainer(_worker, job, job.scaling, run_name(list(job.segment)), storage_path, callbacks).fit()
+    """One TorchTrainer run over a segment of stages; raises if it fails beyond `max_failures`. A run that Ray Train
+    ends because a worker was lost while its group started is launched again, resuming (`node_loss.py`)."""
+    from .node_loss import fit_relaunching
+
+    fit_relaunching(lambda: make_trainer(_worker, job, job.scaling, run_name(list(job.segment)), storage_path,
+                                         callbacks), job.scaling.max_failures)
 
 
 POLL_S = 1.0  # ensure_chain: how often a waiting trial releases published claims and forwards reports

@@ -23,6 +23,7 @@ What differs:
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import threading
 import traceback
@@ -191,17 +192,20 @@ class TrainPool:
         run = uuid.uuid4().hex[:8]  # a new run per launch: never resumed from an earlier launch's checkpoints
         self.threads = []
         for slot in range(slots):
-            trainer = make_trainer(_slot_worker, SlotConfig(self.dispatcher, slot, scaling), scaling,
-                                   f"pool-{run}-{slot}", storage_path)
-            thread = threading.Thread(target=self._fit, args=(trainer, slot), daemon=True, name=f"train-pool-{slot}")
+            new_trainer = functools.partial(make_trainer, _slot_worker, SlotConfig(self.dispatcher, slot, scaling), scaling,
+                                        f"pool-{run}-{slot}", storage_path)
+            thread = threading.Thread(target=self._fit, args=(new_trainer, slot, scaling.max_failures), daemon=True,
+                                      name=f"train-pool-{slot}")
             thread.start()
             self.threads.append(thread)
 
-    def _fit(self, trainer, slot: int) -> None:
+    def _fit(self, new_trainer, slot: int, relaunches: int) -> None:
         import ray  # [ray] telling the dispatcher that the slot is gone
 
+        from .node_loss import fit_relaunching
+
         try:
-            trainer.fit()
+            fit_relaunching(new_trainer, relaunches)  # a relaunched run resumes its job, as after a worker failure
             error = "the Train pool run ended"
         except BaseException as exc:  # noqa: BLE001 (its jobs fail with the reason; trials report it)
             error = f"the Train pool run of slot {slot} failed: {exc}"
