@@ -192,8 +192,8 @@ class TrainPool:
         run = uuid.uuid4().hex[:8]  # a new run per launch: never resumed from an earlier launch's checkpoints
         self.threads = []
         for slot in range(slots):
-            new_trainer = functools.partial(make_trainer, _slot_worker, SlotConfig(self.dispatcher, slot, scaling), scaling,
-                                        f"pool-{run}-{slot}", storage_path)
+            new_trainer = functools.partial(make_trainer, _slot_worker, SlotConfig(self.dispatcher, slot, scaling),
+                                            scaling, f"pool-{run}-{slot}", storage_path)
             thread = threading.Thread(target=self._fit, args=(new_trainer, slot, scaling.max_failures), daemon=True,
                                       name=f"train-pool-{slot}")
             thread.start()
