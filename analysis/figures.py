@@ -22,6 +22,7 @@ from analysis.stats import (
     generalization_gap,
     invertibility,
     mean_ci,
+    metric_range,
 )
 
 HEIGHT = 440
@@ -103,7 +104,8 @@ def error_scatter_data(
     rows = []
     for model in ordered_models(pts["model"]):
         g = pts[pts["model"] == model]
-        cx, cy = mean_ci(g["x"]), mean_ci(g["y"])
+        cx = mean_ci(g["x"], bounds=metric_range(x_metric))
+        cy = mean_ci(g["y"], bounds=metric_range(y_metric))
         rows.append({"model": model, "n": cx.n, "x_mean": cx.mean, "x_ci_low": cx.ci_low, "x_ci_high": cx.ci_high,
                      "y_mean": cy.mean, "y_ci_low": cy.ci_low, "y_ci_high": cy.ci_high})  # fmt: skip
     return ScatterData(x_metric, y_metric, pts, pd.DataFrame(rows, columns=scols))
@@ -200,7 +202,7 @@ def learning_curves_data(
     per_trial = sub.groupby(["model", "metric", "trial_id", "step"], as_index=False)["value"].mean()
     rows = []
     for (model, metric, step), g in per_trial.groupby(["model", "metric", "step"]):
-        ci = mean_ci(g["value"])
+        ci = mean_ci(g["value"], bounds=metric_range(metric))
         rows.append({"model": model, "metric": metric, "step": int(step), "n": ci.n, "mean": ci.mean,
                      "ci_low": ci.ci_low, "ci_high": ci.ci_high})  # fmt: skip
     lines = pd.DataFrame(rows, columns=cols)

@@ -301,7 +301,8 @@ def _summary_html(runs: StudyRuns, baseline: str) -> str:
     lines = [
         f"<p class='meta'><b>{n}</b> trial(s): {html.escape(status_text)}. Finished per model: {html.escape(models)}.</p>",
         f"<p class='meta'>Seeds: {html.escape(', '.join(seeds) or 'none')}. Baseline: <code>{html.escape(baseline)}</code>. "
-        f"Errors are percent; differences are points; intervals are 95% Student-t over seeds.</p>",
+        "Errors are percent; differences are points; intervals are 95% Student-t over seeds (an error's cut to "
+        "[0, 100]).</p>",
         f"<p class='meta'>{html.escape(when)}Report generated on <b>{html.escape(socket.gethostname())}</b> at "
         f"{now:%Y-%m-%d %H:%M} UTC from <code>{html.escape(runs.tracking_uri)}</code> "
         f"(experiment {html.escape(runs.experiment_id)}).</p>",

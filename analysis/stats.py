@@ -45,8 +45,24 @@ class MeanCI(NamedTuple):
     ci_high: float
 
 
-def mean_ci(values: Iterable[float], confidence: float = CONFIDENCE) -> MeanCI:
-    """Mean and two-sided Student-t confidence interval of the finite values; CI is NaN when n < 2."""
+# An error rate in percent lies in [0, 100]: its interval is cut to that range.
+ERROR_RANGE = (0.0, 100.0)
+UNBOUNDED = (-math.inf, math.inf)
+
+
+def metric_range(metric: str) -> tuple[float, float]:
+    """The range a metric's value cannot leave: [0, 100] for an error rate in percent, unbounded otherwise."""
+    return ERROR_RANGE if metric in ERROR_METRICS else UNBOUNDED
+
+
+def mean_ci(values: Iterable[float], confidence: float = CONFIDENCE,
+            bounds: tuple[float, float] = UNBOUNDED) -> MeanCI:
+    """Mean and two-sided Student-t confidence interval of the finite values; CI is NaN when n < 2.
+
+    `bounds` is the range the quantity cannot leave (an error rate's [0, 100]): the interval is intersected with it.
+    That keeps its coverage, since the true mean lies in the range, and never shows a reader an impossible value
+    (a top-5 error near 0 over 3 seeds has a t interval reaching below 0).
+    """
     x = np.asarray([v for v in values if v is not None], dtype=float)
     x = x[np.isfinite(x)]
     n = int(x.size)
@@ -57,7 +73,8 @@ def mean_ci(values: Iterable[float], confidence: float = CONFIDENCE) -> MeanCI:
         return MeanCI(1, mean, math.nan, math.nan, math.nan)
     sd = float(x.std(ddof=1))
     half = float(sps.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
-    return MeanCI(n, mean, sd, mean - half, mean + half)
+    low, high = bounds
+    return MeanCI(n, mean, sd, max(mean - half, low), min(mean + half, high))
 
 
 def _present_metrics(frame: pd.DataFrame, metrics: Sequence[str]) -> list[str]:
@@ -75,7 +92,8 @@ def summarize(trials: pd.DataFrame, metrics: Sequence[str] = ERROR_METRICS) -> p
     for model in ordered_models(done["model"]):
         group = done[done["model"] == model]
         for metric in _present_metrics(done, metrics):
-            ci = mean_ci(group.groupby("seed")[metric].mean())  # a seed run twice (a search's repeat) counts once
+            per_seed = group.groupby("seed")[metric].mean()  # a seed run twice (a search's repeat) counts once
+            ci = mean_ci(per_seed, bounds=metric_range(metric))
             rows.append({"model": model, "metric": metric, **ci._asdict(), "single_seed": ci.n == 1})
     return pd.DataFrame(rows, columns=columns)
 
@@ -637,14 +655,14 @@ def _bins(model, label, x: pd.Series, y: pd.Series, numeric: bool, n_bins: int) 
     if numeric and x.nunique() > n_bins:
         cut = pd.qcut(x, n_bins, duplicates="drop")
         for i, (interval, idx) in enumerate(y.groupby(cut, observed=True).groups.items()):
-            ci = mean_ci(y.loc[idx])
+            ci = mean_ci(y.loc[idx], bounds=metric_range(str(y.name)))
             rows.append({"model": model, "param": label, "bin": i, "label": f"{interval.left:.3g}–{interval.right:.3g}",
                          "low": float(interval.left), "high": float(interval.right), "n": ci.n, "mean": ci.mean,
                          "ci_low": ci.ci_low, "ci_high": ci.ci_high})  # fmt: skip
         return rows
     values = sorted(x.unique(), key=lambda v: (not numeric, v if numeric else str(v)))
     for i, v in enumerate(values):
-        ci = mean_ci(y[x == v])
+        ci = mean_ci(y[x == v], bounds=metric_range(str(y.name)))
         low = float(v) if numeric else math.nan
         rows.append({"model": model, "param": label, "bin": i, "label": f"{v:.3g}" if numeric else str(v),
                      "low": low, "high": low, "n": ci.n, "mean": ci.mean, "ci_low": ci.ci_low,
@@ -676,7 +694,8 @@ def configurations(trials: pd.DataFrame, objective: str = "val_top1_err") -> pd.
     for i, (key, g) in enumerate(keyed.groupby("_key", sort=False), start=1):
         done = finished(g)
         per_seed = done.groupby("seed")[objective].mean()  # the same configuration run twice on a seed is one seed
-        ci = mean_ci(per_seed) if len(per_seed) else MeanCI(0, math.nan, math.nan, math.nan, math.nan)
+        ci = mean_ci(per_seed, bounds=metric_range(objective)) if len(per_seed) else \
+            MeanCI(0, math.nan, math.nan, math.nan, math.nan)
         states = g["trial_state"].replace("", np.nan).fillna(g["status"]) if "trial_state" in g else g["status"]
         numbers = g["optuna_trial_number"].dropna() if "optuna_trial_number" in g else pd.Series(dtype=float)
         rows.append({

@@ -197,6 +197,22 @@ def test_paper_table_means_and_cis_are_exactly_as_constructed(runs):
     assert "val_top5_err_dense_mean" not in table.columns  # never recorded, so no column
 
 
+def test_an_error_near_zero_gets_an_interval_cut_at_zero_and_a_difference_is_not_cut():
+    # top-5 errors 0, 0, 0.5 over 3 seeds: mean 1/6, sd sqrt(1/12), t(0.975, 2) = 4.3027; raw interval
+    # [-0.5504, 0.8838]. An error rate cannot be below 0: the table shows [0, 0.8838].
+    values = [0.0, 0.0, 0.5]
+    half = sps.t.ppf(0.975, 2) * math.sqrt(1 / 12) / math.sqrt(3)
+    assert half == pytest.approx(0.71711, abs=1e-5)
+    trials = pd.DataFrame({"model": ["baseline"] * 3, "seed": [0, 1, 2], "status": ["FINISHED"] * 3,
+                           "train_top5_err": values, "val_top5_err": [99.8, 100.0, 99.9]})
+    row = paper_table(trials).iloc[0]
+    assert row["train_top5_err_mean"] == pytest.approx(1 / 6)
+    assert row["train_top5_err_ci_low"] == 0.0 and row["train_top5_err_ci_high"] == pytest.approx(1 / 6 + half)
+    assert row["val_top5_err_ci_high"] == 100.0 and row["val_top5_err_ci_low"] == pytest.approx(99.9 - 0.2484, abs=1e-4)
+    unbounded = mean_ci(values)  # a difference (or any quantity without a range) keeps its t interval
+    assert unbounded.ci_low == pytest.approx(1 / 6 - half) and unbounded.ci_low < 0
+
+
 def test_every_verdict_class_appears_where_constructed(runs):
     v = verdicts(runs.trials)
     vs_base = v[v["family"] == "primary"].set_index("a")
