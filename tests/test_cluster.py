@@ -189,8 +189,9 @@ def test_a_node_lost_mid_study_the_study_finishes_on_the_other_with_identical_re
     from study.claims import ClusterClaims, registry_for
 
     # A claimant on the node about to die holds a claim that nobody releases (the registry is this test's).
-    registry = registry_for("test-store", ttl=2.0, name="test-claims")  # noqa: F841 (owned while the test runs)
-    claims = ClusterClaims("test-store", ttl=2.0, name="test-claims")
+    # (a lease of 10 s: its holder renews every 2 s, so a loaded machine cannot make it lapse within the 3 s below)
+    registry = registry_for("test-store", ttl=10.0, name="test-claims")  # noqa: F841 (owned while the test runs)
+    claims = ClusterClaims("test-store", ttl=10.0, name="test-claims")
 
     @ray.remote(num_cpus=0, resources={"node_other": 0.01})
     class Claimant:

@@ -211,22 +211,24 @@ def test_two_trials_chains_on_the_pool_equal_the_same_stages_run_in_process(pool
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_a_killed_pool_worker_resumes_its_job_from_the_last_checkpoint_to_identical_weights(pool, data_cfg, tmp_path):
-    chain, store, channel, thread, errors = classifier_on_pool(pool, "trial", data_cfg, 1, 5, tmp_path)
-    seen = wait_for(lambda s: any(m["event"] == "epoch" and m["epoch"] == 1 for m in s), channel)
-    time.sleep(0.5)  # the controller registers the epoch's checkpoint at its next poll
+    chain, store, channel, thread, errors = classifier_on_pool(pool, "trial", data_cfg, 1, 20, tmp_path)
+    # Epoch 2 on the channel means epoch 2's Train report returned, which it only does once the controller has
+    # taken epoch 1's (Train's result queue holds one): a checkpoint of this job is registered. With 20 epochs, each
+    # report waiting for the controller's next poll, the job is far from its end when the kill lands.
+    seen = wait_for(lambda s: any(m["event"] == "epoch" and m["epoch"] >= 2 for m in s), channel)
     killed = seen[-1]["pid"]
     os.kill(killed, signal.SIGKILL)
     thread.join(300)
     assert not errors, errors
     events = [(m["event"], m.get("epoch")) for m in channel.drain()]
     retries = [epoch for event, epoch in events if event == "stage_retry"]
-    assert len(retries) == 1 and 1 <= retries[0] < 5  # resumed from a checkpoint of this job, not started over
-    assert events[-2:] == [("epoch", 5), ("stage_end", None)]
+    assert len(retries) == 1 and 1 <= retries[0] < 20  # resumed from a checkpoint of this job, not started over
+    assert events[-2:] == [("epoch", 20), ("stage_end", None)]
     assert channel.seen[-1]["pid"] != killed
     reference = StageStore(str(tmp_path / "in-process"))
     in_process(chain, reference, data_cfg, 1)
     assert same_weights(weights(store, chain[0].key), weights(reference, chain[0].key))
-    assert [h["epoch"] for h in read_record(store, chain[0].key)["history"]] == [1, 2, 3, 4, 5]
+    assert [h["epoch"] for h in read_record(store, chain[0].key)["history"]] == list(range(1, 21))
 
 
 @pytest.mark.ray

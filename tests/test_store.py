@@ -57,7 +57,7 @@ def _tree(root: str) -> dict[str, bytes]:
 
 
 def _worker_get_or_compute(root, key, counter, barrier, results):
-    barrier.wait(timeout=30)
+    barrier.wait(timeout=300)  # every process imports torch first: tens of seconds on busy cores
     entry, computed = get_or_compute(StageStore(root), key, functools.partial(_counting_compute, counter, 0.5))
     results.put((entry.path, entry.manifest, computed))
 
@@ -76,7 +76,7 @@ def _worker_key(results):
                           "classifier-abc", "cifar10@sha:1234", 3))
 
 
-def _join_all(procs, timeout=60):
+def _join_all(procs, timeout=300):
     deadline = time.monotonic() + timeout
     for p in procs:
         p.join(max(0.1, deadline - time.monotonic()))
@@ -116,7 +116,7 @@ def test_key_is_readable_and_stable_across_processes():
     procs = [SPAWN.Process(target=_worker_key, args=(results,)) for _ in range(2)]
     for p in procs:
         p.start()
-    got = [results.get(timeout=60) for _ in procs]
+    got = [results.get(timeout=300) for _ in procs]
     _join_all(procs)
     here = stage_key("layerwise", {"b": {"a": [None, True], "z": 1}, "betas": [0.9, 0.999], "lr": 0.1},
                      "classifier-abc", "cifar10@sha:1234", 3)
@@ -342,7 +342,7 @@ def test_concurrent_processes_compute_once(store, tmp_path):
              for _ in range(n)]
     for p in procs:
         p.start()
-    got = [results.get(timeout=60) for _ in procs]
+    got = [results.get(timeout=300) for _ in procs]
     _join_all(procs)
 
     assert _count(counter) == 1
@@ -358,7 +358,7 @@ def test_claim_released_when_holder_dies(store, tmp_path):
     p = SPAWN.Process(target=_worker_die_while_computing, args=(store.root, KEY, started))
     p.start()
     try:
-        assert started.wait(60)
+        assert started.wait(300)
         with pytest.raises(StoreError, match="timed out"):
             with store.claim(KEY, timeout=0.2):
                 pass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -325,19 +326,33 @@ def test_optuna_search_reuses_stages_of_another_study(micro):
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range: it is bound only seconds later (by `ray start`, an MLflow
+    server), and a port from that range could meanwhile go to any process's outgoing connection or port-0 bind."""
+    try:
+        first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        first_ephemeral = 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, first_ephemeral - 12000), first_ephemeral)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def wait_healthy(base: str, attempts: int = 240) -> None:
-    """Wait until an MLflow server at `base` answers /health."""
+    """Wait until an MLflow server at `base` answers /health; fail if it never does."""
     for _ in range(attempts):
         try:
             urllib.request.urlopen(base + "/health", timeout=2)
             return
         except OSError:
             time.sleep(0.5)
+    raise AssertionError(f"no MLflow server answered at {base}/health")
 
 
 def tiny_spec(name: str, models: list[str], **fields) -> dict:
@@ -353,7 +368,8 @@ def test_study_ui_serves_the_mlflow_ui_with_the_studys_runs(micro):
     env = {**os.environ}
     env.pop("MLFLOW_TRACKING_URI", None)
     ui = subprocess.Popen([sys.executable, "-m", "study", "ui", "micro", "--port", str(port)], cwd=micro["work"],
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                          env=env, stdout=open(micro["work"] / "ui.log", "w"), stderr=subprocess.STDOUT,
+                          start_new_session=True)  # a file: a pipe nobody reads would block the server once full
     try:
         base = f"http://127.0.0.1:{port}"
         wait_healthy(base)

@@ -88,13 +88,16 @@ def test_the_study_is_recorded_on_the_server_with_its_lineage_and_proxied_artifa
 
 
 @pytest.mark.ray
-def test_each_trial_logs_its_finetuned_model_usable_without_the_store(served):
+def test_each_trial_logs_its_finetuned_model_usable_without_the_store(served, monkeypatch):
     client = mlflow.MlflowClient(served["url"])
     exp = client.get_experiment_by_name("served")
     models = client.search_logged_models([exp.experiment_id])
     trials = {t.info.run_id: t for t in runs(client, exp, "trial")}
     assert sorted(m.source_run_id for m in models) == sorted(trials)
-    mlflow.set_tracking_uri(served["url"])
+    # `models:/` URIs resolve against the tracking URI: set through the environment for this test only, so later
+    # tests in this process do not talk to a server that is gone by then.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", served["url"])
+    assert mlflow.get_tracking_uri() == served["url"]
     data = build_data(data_config(parse_spec(MICRO)), 0)
     images = torch.stack([data.val[i][0] for i in range(len(data.val))]) + torch.tensor(data.mean).view(1, -1, 1, 1)
     labels = torch.tensor([data.val[i][1] for i in range(len(data.val))])
