@@ -332,16 +332,16 @@ def free_port() -> int:
         first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         first_ephemeral = 32768
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(max(1024, first_ephemeral - 12000), first_ephemeral)
+    low = max(1024, first_ephemeral - 12000)
+    candidates = random.sample(range(low, first_ephemeral), min(200, first_ephemeral - low)) + [0]
+    for port in candidates:  # 0 (any ephemeral port) only where nothing below the range is free
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
-    raise RuntimeError("no free port below the ephemeral range")
+            return s.getsockname()[1]
+    raise RuntimeError("no free port")
 
 
 def wait_healthy(base: str, attempts: int = 240) -> None:
