@@ -63,6 +63,11 @@ def peak_flops(precision: str, n: int, reps: int) -> float:
     return 2 * n ** 3 / best
 
 
+def sig(x: float, digits: int = 3) -> float:
+    """`x` to `digits` significant figures: a small model's peak fraction (0.0004 in --smoke) must not print as 0."""
+    return float(f"{x:.{digits}g}")
+
+
 def step_flops(variant: str, encoder: str, batch: int) -> int:
     """Forward + backward FLOPs of one joint training step (the optimizer's elementwise work is not counted)."""
     model = create_model(dict(variant=variant, encoder=encoder, in_channels=1, image_size=28))
@@ -86,14 +91,14 @@ def throughput(encoder: str, batch: int, reps: int, peaks: dict, default: str, w
         flops = step_flops(variant, encoder, batch)
         best = {p: min((s, name) for name, s in seconds.items() if name.startswith(p)) for p in ("fp32", "bf16")}
         row = {"images_per_s": {k: round(batch / s, 1) for k, s in seconds.items()},
-               "achieved_gflops": {k: round(flops / s / 1e9, 2) for k, s in seconds.items()},
-               "step_gflop": round(flops / 1e9, 3),
-               "bf16_speedup": round(best["fp32"][0] / best["bf16"][0], 3),
-               "nhwc_speedup": {p: round(seconds[label(p, False)] / seconds[label(p, True)], 3) for p in ("fp32", "bf16")},
-               "peak_fraction": round(flops / seconds[default] / peaks[default.split("-")[0]], 3)}
+               "achieved_gflops": {k: sig(flops / s / 1e9) for k, s in seconds.items()},
+               "step_gflop": sig(flops / 1e9),
+               "bf16_speedup": sig(best["fp32"][0] / best["bf16"][0]),
+               "nhwc_speedup": {p: sig(seconds[label(p, False)] / seconds[label(p, True)]) for p in ("fp32", "bf16")},
+               "peak_fraction": sig(flops / seconds[default] / peaks[default.split("-")[0]])}
         out[variant] = row
         print(f"  {variant:16s} " + "  ".join(f"{k} {v:7.1f} img/s" for k, v in row["images_per_s"].items())
-              + f"  bf16 x{row['bf16_speedup']:.2f}  peak fraction ({default}) {row['peak_fraction']:.3f}", flush=True)
+              + f"  bf16 x{row['bf16_speedup']:.2f}  peak fraction ({default}) {row['peak_fraction']:.3g}", flush=True)
     return out
 
 

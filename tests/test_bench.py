@@ -56,7 +56,7 @@ def test_chaos_smoke_recovers_identical_results(tmp_path):
 def test_throughput_smoke_reports_bf16_speedup_and_peak_fraction_per_model(tmp_path):
     out = run_smoke("throughput", tmp_path)
     assert len(out["models"]) == 7
-    assert all(m["bf16_speedup"] > 0 and 0 < m["peak_fraction"] for m in out["models"].values())
+    assert all(m["bf16_speedup"] > 0 and 0 < m["peak_fraction"] for m in out["models"].values()), out["models"]
     assert set(out["accuracy"]["val_top1_err"]) == {"fp32", "bf16"}
 
 
