@@ -8,6 +8,7 @@ subset, sized so that the plain run takes about 3 minutes on a 2-core machine. I
     `final_metrics`; each child stage starts from its parent's weights kept in memory (build_model's seeding and
     loading, without the store). Timed from `build_data` (files read afresh) to the last stage's final metrics.
     It runs at niceness 15, the niceness Ray gives its worker processes, so that other load slows (a) and (b) alike.
+    It computes with 2 threads (`torch_threads`), as (a)'s worker does, whatever torch's default on the machine.
 (a) platform: `ensure_chain` on a fresh store and a fresh Train storage path, through Ray Train with ONE worker
     given both cores (`cpus_per_worker=2`; Ray sets the worker's threads from its CPUs, so it computes with the
     same 2 threads as (b)). Timed around the `ensure_chain` call (Train start-up, data loading in the worker,
@@ -162,7 +163,7 @@ def platform_run(chain, data_cfg: DataConfig, workdir: str, tag: str, poll: floa
 
     store = StageStore(os.path.join(workdir, f"store-{tag}"))
     job = SegmentJob(segment=(), store_uri=store.root, data=data_cfg, seed=SEED,
-                     scaling=Scaling(num_workers=1, cpus_per_worker=2))
+                     scaling=Scaling(num_workers=1, cpus_per_worker=PAIR_CPUS))
     load_before = machine_load()
     with poll_interval(poll):
         t_call = time.time()
@@ -179,6 +180,19 @@ def platform_run(chain, data_cfg: DataConfig, workdir: str, tag: str, poll: floa
 
 
 RAY_WORKER_NICENESS = 15  # Ray starts its worker processes at this niceness (its worker_niceness setting)
+PAIR_CPUS = 2  # (a)'s one worker is given 2 CPUs, so computes with 2 threads; (b) is set to the same
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Compute with `n` threads inside (restored after): torch's default follows the machine (physical cores,
+    OMP_NUM_THREADS), and another thread count sums in another order, so (a) and (b) would not agree."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 class niceness:
@@ -659,9 +673,7 @@ def plain_study(spec, store_dir: str, threads: int) -> tuple[float, str, Runtime
     from study.plan import data_config, resolve
     from trainables.stages.precision import resolve_channels_last
 
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         precision = resolved_precision(spec)
         runtime = Runtime(channels_last=resolve_channels_last(spec.resources.channels_last, "cpu"))
         store = StageStore(store_dir)
@@ -675,8 +687,6 @@ def plain_study(spec, store_dir: str, threads: int) -> tuple[float, str, Runtime
                                     (data.in_channels, data.num_classes, data.image_size))
                     run_chain_locally(trial.chain(data.identity, seed, precision), store, data, runtime, seed)
         return time.perf_counter() - t0, precision, runtime
-    finally:
-        torch.set_num_threads(old_threads)
 
 
 def study_overhead(spec_path: str, workdir: str, smoke: bool) -> dict:
@@ -814,7 +824,7 @@ def main() -> None:
         last_plain = None
         for n, which in enumerate(order):
             if which == "b":
-                with niceness(RAY_WORKER_NICENESS):
+                with niceness(RAY_WORKER_NICENESS), torch_threads(PAIR_CPUS):
                     last_plain = plain_run(chain, data_cfg)
                 plains.append(last_plain)
                 print(f"  (b) plain     {last_plain['seconds']:7.1f} s  "
