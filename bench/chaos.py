@@ -38,9 +38,12 @@ STAGES = {kind: {"epochs": 1 if kind != "finetune" else 2, "batch_size": 64, "op
 
 
 def micro_spec(smoke: bool) -> dict:
+    # The smoke's one Train run (classifier + fine-tuning) fine-tunes 5 epochs: after its first checkpoint, the kill
+    # has a few seconds to land in, even when this process is starved on a busy machine.
+    stages = {**STAGES, "finetune": {**STAGES["finetune"], "epochs": 5}} if smoke else STAGES
     return {"name": "chaos", "models": ["baseline"] if smoke else ["baseline", "sae-all", "swwae-all"],
             "seeds": [0] if smoke else [0, 1], "data": {"subset": 200, "val_size": 50},
-            "model": {"encoder": "vgg_tiny"}, "stages": STAGES,
+            "model": {"encoder": "vgg_tiny"}, "stages": stages,
             "loss": {} if smoke else {"weights": {"image": 0.001, "pool1": 0.0001}}}
 
 

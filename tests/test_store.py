@@ -379,7 +379,7 @@ def test_claim_timeout_in_process(store):
         with pytest.raises(StoreError, match=KEY):
             with store.claim(KEY, timeout=0.2):
                 pass
-        assert time.monotonic() - t0 < 2
+        assert time.monotonic() - t0 < 10  # it times out (a 0.2 s wait), rather than hanging
     with store.claim(KEY, timeout=0.2):
         pass
 
