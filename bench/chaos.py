@@ -58,36 +58,29 @@ def stage_fingerprint(entry) -> dict:
 def reference(spec_path: Path) -> dict[str, dict]:
     """Every stage of every trial, computed in this process with plain PyTorch on one thread (as a Train worker
     with one core computes): stage key -> fingerprint."""
-    import torch
-
     from study.launch import resolved_precision
     from study.plan import data_config, resolve
     from study.spec import load_spec
     from trainables.data import build_data
     from trainables.stages.chain import run_chain_locally
-    from trainables.stages.loop import Runtime
+    from trainables.stages.loop import Runtime, torch_threads
     from trainables.stages.precision import resolve_channels_last
     from trainables.stages.store import StageStore
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     spec = load_spec(spec_path)
     out = {}
-    try:
-        with tempfile.TemporaryDirectory() as d:
-            store = StageStore(d)
-            for seed in spec.seeds:
-                data = build_data(data_config(spec), seed)
-                for model in spec.models:
-                    shape = (data.in_channels, data.num_classes, data.image_size)
-                    plan = resolve(spec, {"model": model, "seed": seed}, shape)
-                    chain = plan.chain(data.identity, seed, resolved_precision(spec))  # the launcher's precision
-                    # the layout the platform's workers resolve (channels-last changes float rounding order)
-                    layout = resolve_channels_last(spec.resources.channels_last, "cpu")
-                    run_chain_locally(chain, store, data, Runtime(device="cpu", channels_last=layout), seed)
-                    out.update({p.key: stage_fingerprint(store.get(p.key)) for p in chain})
-    finally:
-        torch.set_num_threads(threads)  # a caller in the same process (a test) keeps its own thread count
+    with torch_threads(1), tempfile.TemporaryDirectory() as d:  # a caller (a test) keeps its own thread count
+        store = StageStore(d)
+        for seed in spec.seeds:
+            data = build_data(data_config(spec), seed)
+            for model in spec.models:
+                shape = (data.in_channels, data.num_classes, data.image_size)
+                plan = resolve(spec, {"model": model, "seed": seed}, shape)
+                chain = plan.chain(data.identity, seed, resolved_precision(spec))  # the launcher's precision
+                # the layout the platform's workers resolve (channels-last changes float rounding order)
+                layout = resolve_channels_last(spec.resources.channels_last, "cpu")
+                run_chain_locally(chain, store, data, Runtime(device="cpu", channels_last=layout), seed)
+                out.update({p.key: stage_fingerprint(store.get(p.key)) for p in chain})
     return out
 
 

@@ -81,7 +81,8 @@ from trainables.models import create_model, model_config  # noqa: E402
 from trainables.stages.chain import (DECODER_KINDS, MODEL_FILE, build_model, model_state, plan, read_record,  # noqa: E402
                                      run_chain_locally, write_entry)
 from trainables.stages.evaluate import final_metrics, topk_errors  # noqa: E402
-from trainables.stages.loop import Runtime, derive_seed, make_optimizer, prepare, train_epoch  # noqa: E402
+from trainables.stages.loop import (  # noqa: E402
+    Runtime, derive_seed, make_optimizer, prepare, torch_threads, train_epoch)
 from trainables.stages.procedure import LossConfig, OptimizerConfig, StageSettings, procedure  # noqa: E402
 from trainables.stages.store import StageStore  # noqa: E402
 
@@ -180,19 +181,9 @@ def platform_run(chain, data_cfg: DataConfig, workdir: str, tag: str, poll: floa
 
 
 RAY_WORKER_NICENESS = 15  # Ray starts its worker processes at this niceness (its worker_niceness setting)
-PAIR_CPUS = 2  # (a)'s one worker is given 2 CPUs, so computes with 2 threads; (b) is set to the same
+PAIR_CPUS = 2  # (a)'s one worker is given 2 CPUs, so computes with 2 threads; (b) is set to the same, since
+# torch's default follows the machine (physical cores, OMP_NUM_THREADS)
 
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """Compute with `n` threads inside (restored after): torch's default follows the machine (physical cores,
-    OMP_NUM_THREADS), and another thread count sums in another order, so (a) and (b) would not agree."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 class niceness:

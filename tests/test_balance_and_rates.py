@@ -8,7 +8,7 @@ from trainables.data import DataConfig, build_data
 from trainables.models import model_config
 from trainables.stages.balance import balanced, shares, start_of_finetuning
 from trainables.stages.chain import build_model, plan, read_record, run_chain_locally
-from trainables.stages.loop import Runtime
+from trainables.stages.loop import Runtime, torch_threads
 from trainables.stages.procedure import LossConfig, OptimizerConfig, StageSettings, procedure
 from trainables.stages.store import StageStore
 
@@ -27,12 +27,8 @@ def data(fmnist_root):
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny models run fastest on one thread (and do not oversubscribe a shared machine)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def test_balanced_weights_give_the_target_shares():

@@ -18,7 +18,7 @@ import torch
 
 from trainables.data import DataConfig, build_data
 from trainables.stages.chain import MODEL_FILE, plan, read_record, run_chain_locally
-from trainables.stages.loop import Runtime
+from trainables.stages.loop import Runtime, torch_threads
 from trainables.stages.on_ray import Scaling, SegmentJob, ensure_chain
 from trainables.stages.precision import resolve_channels_last
 from trainables.stages.pool import CANCELLED, STOP, Dispatcher, TrainPool, run_on_pool
@@ -154,13 +154,9 @@ def wait_for(condition, channel: Channel, timeout=300):
 
 def in_process(chain, store, data_cfg, seed):
     """The same stages in this process, with the pool worker's one thread and layout (sums in the same order)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         runtime = Runtime(channels_last=resolve_channels_last(Scaling().channels_last, torch.device("cpu")))
         run_chain_locally(chain, store, build_data(data_cfg, seed), runtime, seed)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def weights(store, key):
