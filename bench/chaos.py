@@ -63,8 +63,8 @@ def reference(spec_path: Path) -> dict[str, dict]:
     from study.spec import load_spec
     from trainables.data import build_data
     from trainables.stages.chain import run_chain_locally
-    from trainables.stages.loop import Runtime, torch_threads
-    from trainables.stages.precision import resolve_channels_last
+    from trainables.stages.loop import Runtime
+    from trainables.stages.precision import resolve_channels_last, torch_threads
     from trainables.stages.store import StageStore
 
     spec = load_spec(spec_path)

@@ -81,8 +81,8 @@ from trainables.models import create_model, model_config  # noqa: E402
 from trainables.stages.chain import (DECODER_KINDS, MODEL_FILE, build_model, model_state, plan, read_record,  # noqa: E402
                                      run_chain_locally, write_entry)
 from trainables.stages.evaluate import final_metrics, topk_errors  # noqa: E402
-from trainables.stages.loop import (  # noqa: E402
-    Runtime, derive_seed, make_optimizer, prepare, torch_threads, train_epoch)
+from trainables.stages.loop import Runtime, derive_seed, make_optimizer, prepare, train_epoch  # noqa: E402
+from trainables.stages.precision import torch_threads  # noqa: E402
 from trainables.stages.procedure import LossConfig, OptimizerConfig, StageSettings, procedure  # noqa: E402
 from trainables.stages.store import StageStore  # noqa: E402
 

@@ -8,7 +8,8 @@ from trainables.data import DataConfig, build_data
 from trainables.models import model_config
 from trainables.stages.balance import balanced, shares, start_of_finetuning
 from trainables.stages.chain import build_model, plan, read_record, run_chain_locally
-from trainables.stages.loop import Runtime, torch_threads
+from trainables.stages.loop import Runtime
+from trainables.stages.precision import torch_threads
 from trainables.stages.procedure import LossConfig, OptimizerConfig, StageSettings, procedure
 from trainables.stages.store import StageStore
 

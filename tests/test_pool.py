@@ -18,9 +18,9 @@ import torch
 
 from trainables.data import DataConfig, build_data
 from trainables.stages.chain import MODEL_FILE, plan, read_record, run_chain_locally
-from trainables.stages.loop import Runtime, torch_threads
+from trainables.stages.loop import Runtime
 from trainables.stages.on_ray import Scaling, SegmentJob, ensure_chain
-from trainables.stages.precision import resolve_channels_last
+from trainables.stages.precision import resolve_channels_last, torch_threads
 from trainables.stages.pool import CANCELLED, STOP, Dispatcher, TrainPool, run_on_pool
 from trainables.stages.procedure import LossConfig, OptimizerConfig, StageSettings, procedure
 from trainables.stages.store import StageStore

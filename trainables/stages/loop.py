@@ -7,7 +7,6 @@ whether that means a Ray Train report + checkpoint or nothing at all. Every epoc
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import os
@@ -55,18 +54,6 @@ def set_deterministic(on: bool) -> None:
     torch.use_deterministic_algorithms(on, warn_only=True)
     torch.backends.cudnn.benchmark = not on and torch.backends.cudnn.benchmark
     torch.backends.cudnn.deterministic = on
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """Compute with `n` threads inside, torch's count restored after. A run in this process that must equal a Train
-    worker's bit for bit uses the worker's count: another count sums in another order."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def make_optimizer(model: nn.Module, stage: Stage) -> torch.optim.Optimizer:

@@ -8,10 +8,13 @@ The resolved precision enters every stage's key (bf16 and fp32 weights are diffe
 (channels-last changes speed, not what is computed, up to float rounding order). `resolve_channels_last("auto", ...)`
 picks channels-last (NHWC) where bench/throughput.py measured it faster for these models: on CUDA and on x86 CPUs
 (oneDNN's convolutions are NHWC-native), in both precisions.
+`torch_threads(n)` sets the other thing that changes float rounding order, the thread count, for a block (a run in
+one process that must equal a Train worker's bit for bit).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import platform
 
@@ -77,3 +80,15 @@ def describe_device(device: str | torch.device) -> str:
         return f"cuda {torch.cuda.get_device_name(device)} (sm_{major}{minor})"
     native = [f for f in CPU_BF16_FLAGS if f in cpu_flags()]
     return f"cpu {platform.machine()} ({', '.join(native) if native else 'no native bf16'})"
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Compute with `n` threads inside, torch's count restored after. A run in this process that must equal a Train
+    worker's bit for bit uses the worker's count: another count sums in another order."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
